@@ -1,0 +1,92 @@
+"""Options of a probe, validated once so that bad input fails before any trial runs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from batchfit.memory import parse_size
+
+PRECISIONS = (None, "fp32", "bf16", "fp16")
+ROUNDINGS = ("pow2", "mult8", "none")
+LR_RULES = ("auto", "linear", "sqrt", "noise")
+OBJECTIVES = ("memory", "throughput", "goodput")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig:
+    """How a probe searches and what it recommends."""
+
+    margin: float = 0.2
+    """Fraction of usable memory kept free: the recommendation's peak stays under (1 - margin)."""
+    steps_per_trial: int = 2
+    """Optimizer steps per trial; the first step has no optimizer state yet, so at least two."""
+    max_batch_size: int | None = None
+    """Never try or recommend a batch larger than this (e.g. the dataset size)."""
+    rounding: str = "pow2"
+    """How the recommendation is rounded down: 'pow2', 'mult8' or 'none'."""
+    exact: bool = False
+    """Also bisect to the exact largest batch that runs (more trials, some of them OOM)."""
+    precision: str | None = None
+    """None/'fp32', 'bf16' or 'fp16': mixed precision through torch.autocast."""
+    memory: int | str | None = None
+    """Capacity to plan for, e.g. '24GiB': caps the CUDA allocator, or sizes the simulated device."""
+    base_lr: float | None = None
+    """Learning rate that worked at `base_batch_size`; scaled to the recommendation."""
+    base_batch_size: int | None = None
+    """Batch size `base_lr` belongs to."""
+    lr_rule: str = "auto"
+    """'linear', 'sqrt', 'noise' or 'auto' (by optimizer family)."""
+    noise_scale: float | None = None
+    """Gradient noise scale B_simple, if known: enables the noise-aware rule and goodput."""
+    objective: str = "memory"
+    """What the recommendation maximises: 'memory' (largest safe), 'throughput', 'goodput'."""
+    max_trials: int = 40
+    """Hard stop for the search, so a pathological memory curve cannot loop for long."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.margin, (int, float)) and 0 <= self.margin < 1):
+            raise ValueError(f"margin={self.margin!r} must be in [0, 1), e.g. 0.2 for 20%")
+        if not isinstance(self.steps_per_trial, int) or self.steps_per_trial < 2:
+            raise ValueError(
+                f"steps_per_trial={self.steps_per_trial!r} must be an integer >= 2: the first "
+                "step has no optimizer state and peaks low"
+            )
+        if self.max_batch_size is not None and (
+            not isinstance(self.max_batch_size, int) or self.max_batch_size < 1
+        ):
+            raise ValueError(f"max_batch_size={self.max_batch_size!r} must be a positive integer")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding={self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of fp32, bf16, fp16")
+        if self.memory is not None:
+            parse_size(self.memory)
+        if self.base_lr is not None and not (
+            isinstance(self.base_lr, (int, float)) and math.isfinite(self.base_lr) and self.base_lr > 0
+        ):
+            raise ValueError(f"base_lr={self.base_lr!r} must be a positive number")
+        if self.base_batch_size is not None and (
+            not isinstance(self.base_batch_size, int) or self.base_batch_size < 1
+        ):
+            raise ValueError(f"base_batch_size={self.base_batch_size!r} must be a positive integer")
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule={self.lr_rule!r} is not one of {', '.join(LR_RULES)}")
+        if self.noise_scale is not None and not (
+            isinstance(self.noise_scale, (int, float)) and self.noise_scale > 0
+        ):
+            raise ValueError(f"noise_scale={self.noise_scale!r} must be a positive number")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.objective == "goodput" and self.noise_scale is None:
+            raise ValueError("objective='goodput' needs noise_scale (the gradient noise scale)")
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        return None if self.memory is None else parse_size(self.memory)
+
+    @property
+    def amp_dtype(self) -> object:
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision or "")

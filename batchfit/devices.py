@@ -1,0 +1,273 @@
+"""Where trials run: a CUDA GPU or the simulated device, behind one interface.
+
+This is the only module that touches torch.cuda, pynvml and psutil. The probe asks a
+device to hold the model, build a batch and measure a trial; it never asks which one it has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from batchfit.memory import GIB, format_size
+from batchfit.tracker import MemoryTracker
+
+log = logging.getLogger(__name__)
+
+# Memory the CUDA context takes outside the caching allocator (DESIGN.md: ~0.8 GiB measured
+# on Hopper cards with CUDA 12); the offline estimate subtracts it from a card's total.
+CUDA_CONTEXT_BYTES = int(0.8 * GIB)
+
+
+@dataclass
+class Measurement:
+    """What a device measured over one trial."""
+
+    peak_allocated: int = 0
+    peak_reserved: int = 0
+    alloc_retries: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class Device:
+    """A place to run trials. Subclasses fill in the hardware-specific parts."""
+
+    description: str = ""
+    capacity: int = 0
+    is_estimate: bool = False
+    real_timing: bool = True
+    torch_device: torch.device = torch.device("cpu")
+
+    @property
+    def autocast_type(self) -> str:
+        return self.torch_device.type
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Entered once for a whole probe (allocator caps, fake tensor modes)."""
+        yield
+
+    @contextlib.contextmanager
+    def hold(self, model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+        """Put `model`'s parameters and buffers on the device; yield them by name."""
+        model.to(self.torch_device)
+        yield _named_tensors(model)
+
+    def put(self, tree: Any) -> Any:
+        """Move every tensor in `tree` to the device."""
+        return tree_map(lambda t: t.to(self.torch_device) if isinstance(t, torch.Tensor) else t, tree)
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement]:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for queued work so step times are real."""
+
+    def empty_cache(self) -> None:
+        gc.collect()
+
+    def allocated(self) -> int:
+        """Bytes allocated on the device right now."""
+        return 0
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    named: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers(remove_duplicate=False)))
+    return named
+
+
+class CudaDevice(Device):
+    """A real CUDA GPU; capacity is what the driver says is free for this process."""
+
+    def __init__(self, index: int | None = None, memory: int | None = None) -> None:
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for, but torch sees no CUDA GPU")
+        self.torch_device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        free, total = torch.cuda.mem_get_info(self.torch_device)
+        # Our own cached-but-unused blocks count as free for the probe.
+        cached = torch.cuda.memory_reserved(self.torch_device) - torch.cuda.memory_allocated(
+            self.torch_device
+        )
+        available = free + cached + torch.cuda.memory_allocated(self.torch_device)
+        self.total = total
+        self.cap = memory
+        self.capacity = min(available, memory) if memory else available
+        name = gpu_name(self.torch_device.index or 0)
+        capped = f", capped at {format_size(memory)}" if memory else ""
+        self.description = (
+            f"{name} ({self.torch_device}, {format_size(total)} total, "
+            f"{format_size(available)} usable{capped})"
+        )
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        if not self.cap:
+            yield
+            return
+        before = torch.cuda.get_per_process_memory_fraction(self.torch_device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap / self.total), self.torch_device)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(before, self.torch_device)
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement]:
+        self.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.torch_device)
+        before = torch.cuda.memory_stats(self.torch_device).get("num_alloc_retries", 0)
+        result = Measurement()
+        try:
+            yield result
+        finally:
+            self.synchronize()
+            stats = torch.cuda.memory_stats(self.torch_device)
+            result.peak_allocated = stats.get("allocated_bytes.all.peak", 0)
+            result.peak_reserved = stats.get("reserved_bytes.all.peak", 0)
+            result.alloc_retries = stats.get("num_alloc_retries", 0) - before
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.torch_device)
+
+    def empty_cache(self) -> None:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.torch_device)
+
+
+class SimulatedDevice(Device):
+    """A GPU of `capacity` bytes, simulated on the CPU by the memory tracker.
+
+    compute='fake' runs on FakeTensorMode (no real memory or arithmetic: the offline
+    estimate); compute='real' runs real CPU arithmetic with the capacity enforced, so
+    other tools' OOM handling can be compared on a machine without a GPU.
+    """
+
+    is_estimate = True
+
+    def __init__(self, capacity: int, compute: str = "fake", name: str | None = None) -> None:
+        if compute not in ("fake", "real"):
+            raise ValueError(f"compute={compute!r} is not one of 'fake', 'real'")
+        self.capacity = capacity
+        self.compute = compute
+        self.real_timing = compute == "real"
+        self.torch_device = torch.device("cpu")
+        self.tracker = MemoryTracker(capacity)
+        self._fake_mode: Any = None
+        label = name or format_size(capacity)
+        kind = "estimate, no real compute" if compute == "fake" else "real CPU compute"
+        self.description = f"simulated {label} GPU ({kind})"
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        if self.compute == "real":
+            yield
+            return
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self._fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+        try:
+            yield
+        finally:
+            self._fake_mode = None
+
+    @contextlib.contextmanager
+    def hold(self, model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+        named = _named_tensors(model.to(self.torch_device) if self.compute == "real" else model)
+        if self._fake_mode is not None:
+            # Fake copies stand in for the user's weights, which are never touched.
+            memo: dict[int, torch.Tensor] = {}
+            named = {k: memo.setdefault(id(t), self._fake(t)) for k, t in named.items()}
+        for tensor in named.values():
+            self.tracker.track(tensor)
+        yield named
+
+    def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
+        fake = self._fake_mode.from_tensor(tensor.detach())
+        return fake.requires_grad_(tensor.requires_grad)
+
+    def put(self, tree: Any) -> Any:
+        mode = self._fake_mode
+
+        def convert(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            if mode is not None and not mode.is_our_fake(t):
+                t = mode.from_tensor(t)
+            self.tracker.track(t)
+            return t
+
+        return tree_map(convert, tree)
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement]:
+        self.tracker.reset_peak()
+        result = Measurement()
+        with contextlib.ExitStack() as stack:
+            if self._fake_mode is not None:
+                stack.enter_context(self._fake_mode)
+            stack.enter_context(self.tracker)
+            try:
+                yield result
+            finally:
+                result.peak_allocated = self.tracker.peak_allocated
+                result.peak_reserved = self.tracker.peak_reserved
+
+    def allocated(self) -> int:
+        return self.tracker.allocated
+
+
+def gpu_name(index: int) -> str:
+    """The card's name from pynvml, falling back to torch's."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(index))
+            return name.decode() if isinstance(name, bytes) else str(name)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # pynvml missing or NVML unreachable: torch still knows the name.
+        return torch.cuda.get_device_name(index)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def host_available_memory() -> int:
+    """RAM this machine can still give, for a probe with nothing else to go on."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def timer() -> float:
+    return time.perf_counter()
+
+
+def rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """CPU and (if initialised) CUDA generator states: a probe must not advance the user's RNG."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

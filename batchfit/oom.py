@@ -1,0 +1,49 @@
+"""Telling an out-of-memory error from a real bug, and cleaning up after one.
+
+Peers that count every exception as "too big" hide real bugs in the user's model, so
+recognition is narrow: the OOM type first, then the message markers CUDA libraries use.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+_OOM_MARKERS = (
+    # c10's CUDACachingAllocator, when it is a RuntimeError rather than OutOfMemoryError.
+    "CUDA out of memory",
+    # The CUDA runtime's cudaErrorMemoryAllocation, raised through C10_CUDA_CHECK.
+    "CUDA error: out of memory",
+    # cuBLAS failing to allocate its workspace (torch/csrc/cuda/CUDABlas.cpp checks).
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    # cuDNN failing to allocate its workspace.
+    "CUDNN_STATUS_ALLOC_FAILED",
+    # cuDNN turns down some huge convolutions rather than allocating; large batches only.
+    "CUDNN_STATUS_NOT_SUPPORTED",
+    # The CPU allocator (c10/core/impl/alloc_cpu.cpp) when real CPU memory runs out.
+    "DefaultCPUAllocator: can't allocate memory",
+)
+
+
+def is_oom(error: BaseException) -> bool:
+    """True when `error` means the batch did not fit in memory."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    if isinstance(error, RuntimeError):
+        text = str(error)
+        return any(marker in text for marker in _OOM_MARKERS)
+    return False
+
+
+def release(error: BaseException | None = None) -> None:
+    """Free what a failed trial left behind.
+
+    The traceback's frames hold the activations; they must go before gc runs, or the
+    next trial starts with the last one's memory still allocated (DESIGN.md).
+    """
+    if error is not None:
+        error.__traceback__ = None
+        error.__context__ = None
+        error.__cause__ = None
+    gc.collect()

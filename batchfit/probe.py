@@ -1,0 +1,352 @@
+"""The probe: real training steps at growing batch sizes, and the answer with its evidence.
+
+`find_batch_size` is the library's front door; `preflight` answers "does batch N fit?" for
+pipelines. Both leave the user's model exactly as they found it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from batchfit import devices
+from batchfit.config import ProbeConfig
+from batchfit.devices import CudaDevice, Device, SimulatedDevice
+from batchfit.lr import scale_lr
+from batchfit.memory import format_size
+from batchfit.result import Result, Trial
+from batchfit.search import SearchOutcome, search
+from batchfit.trial import (
+    ModelSnapshot,
+    Workload,
+    check_sample,
+    default_loss,
+    optimizer_factory,
+    run_trial,
+    trainable,
+)
+
+log = logging.getLogger(__name__)
+
+# Pollux (Qiao et al. 2021): the knee is the smallest batch within 95% of the best throughput.
+KNEE_FRACTION = 0.95
+
+
+class DoesNotFitError(RuntimeError):
+    """The batch (or any batch) does not train within the memory budget."""
+
+    def __init__(self, message: str, check: CheckResult | None = None) -> None:
+        super().__init__(message)
+        self.check = check
+
+
+def resolve_device(device: Device | str | None, memory: int | None) -> Device:
+    """A Device from what the user passed: None picks CUDA when present, else the simulation."""
+    if isinstance(device, Device):
+        return device
+    if device is None:
+        device = "cuda" if devices.cuda_available() else "simulated"
+    if not isinstance(device, str):
+        raise ValueError(f"device={device!r} must be 'cuda', 'cuda:N', 'simulated', 'cpu' or a Device")
+    if device.startswith("cuda"):
+        index = int(device.split(":", 1)[1]) if ":" in device else None
+        return CudaDevice(index, memory)
+    if device in ("simulated", "cpu"):
+        if memory is None:
+            raise ValueError(
+                f"device={device!r} needs a capacity: pass memory='24GiB' (no CUDA GPU to measure)"
+            )
+        return SimulatedDevice(memory, compute="fake" if device == "simulated" else "real")
+    raise ValueError(f"device={device!r} is not 'cuda', 'cuda:N', 'simulated' or 'cpu'")
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    # BatchNorm cannot train on one example ("Expected more than 1 value per channel").
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@dataclass
+class _Probe:
+    """A model held on a device, ready to run trials; undone on exit."""
+
+    device: Device
+    workload: Workload
+    steps: int
+    held: dict[str, Any] = field(default_factory=dict)
+    params: list[Any] = field(default_factory=list)
+    on_trial: Callable[[Trial], None] | None = None
+
+    def run(self, batch_size: int) -> Trial:
+        log.debug("trial at batch_size=%d", batch_size)
+        trial = run_trial(self.device, self.workload, self.held, self.params, batch_size, self.steps)
+        log.info(
+            "batch %d: %s, peak reserved %s",
+            batch_size,
+            "fitted" if trial.ok else "OOM",
+            format_size(trial.peak_reserved),
+        )
+        if self.on_trial is not None:
+            self.on_trial(trial)
+        return trial
+
+
+@contextlib.contextmanager
+def _held(
+    model: nn.Module,
+    sample: Any,
+    device: Device,
+    optimizer: Any,
+    loss_fn: Any,
+    config: ProbeConfig,
+    on_trial: Callable[[Trial], None] | None,
+) -> Iterator[_Probe]:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_sample(sample)
+    workload = Workload(
+        model=model,
+        sample=sample,
+        loss_fn=loss_fn or default_loss,
+        make_optimizer=optimizer_factory(optimizer),
+        amp_dtype=config.amp_dtype,  # type: ignore[arg-type]
+    )
+    snapshot = ModelSnapshot(model)
+    try:
+        snapshot.set_grads_aside()
+        with device.session(), device.hold(model) as held:
+            model.train()
+            probe = _Probe(device, workload, config.steps_per_trial, held, trainable(model, held))
+            probe.on_trial = on_trial
+            yield probe
+            del held, probe
+    finally:
+        snapshot.restore()
+        device.empty_cache()
+
+
+def find_batch_size(
+    model: nn.Module,
+    sample: Any,
+    *,
+    optimizer: Any = None,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    device: Device | str | None = None,
+    config: ProbeConfig | None = None,
+    on_trial: Callable[[Trial], None] | None = None,
+    **options: Any,
+) -> Result:
+    """Find the largest batch that trains `model` within the memory budget, and its learning rate.
+
+    `sample` is one example without a batch dimension (tensor, tuple/list or dict) or a
+    callable `batch_size -> batch`. Options are those of `ProbeConfig`.
+    """
+    config = config or ProbeConfig(**options)
+    dev = resolve_device(device, config.capacity_bytes)
+    timer_start = devices.timer()
+    with _held(model, sample, dev, optimizer, loss_fn, config, on_trial) as probe:
+        outcome = search(
+            probe.run,
+            dev.capacity,
+            margin=config.margin,
+            start=2 if _has_batchnorm(model) else 1,
+            max_batch_size=config.max_batch_size,
+            rounding=config.rounding,
+            exact=config.exact,
+            max_trials=config.max_trials,
+        )
+    if outcome.recommended == 0:
+        first = outcome.trials[0]
+        raise DoesNotFitError(
+            f"no batch size trains within {1 - config.margin:.0%} of {format_size(dev.capacity)} "
+            f"on {dev.description}: batch_size={first.batch_size} "
+            + ("ran out of memory" if not first.ok else f"peaked at {format_size(first.peak_reserved)}")
+        )
+    return _result(outcome, dev, config, optimizer, devices.timer() - timer_start)
+
+
+def _result(
+    outcome: SearchOutcome, dev: Device, config: ProbeConfig, optimizer: Any, elapsed: float
+) -> Result:
+    budget = (1 - config.margin) * dev.capacity
+    within = [t for t in outcome.trials if t.ok and t.peak_reserved <= budget]
+    knee = throughput_knee(within) if dev.real_timing else None
+    goodput = (
+        goodput_batch_size(within, config.noise_scale) if dev.real_timing and config.noise_scale else None
+    )
+    recommended = outcome.recommended
+    notes = []
+    if config.objective == "throughput" and knee is not None:
+        recommended = knee
+    elif config.objective == "goodput" and goodput is not None:
+        recommended = goodput
+    elif config.objective != "memory":
+        notes.append(
+            f"objective={config.objective!r} needs real step times; {dev.description} has none, "
+            "so the memory answer stands"
+        )
+    if dev.is_estimate:
+        notes.append("simulated device: memory is an estimate; cuDNN/cuBLAS workspaces are not seen")
+    lr = None
+    if config.base_lr is not None:
+        lr = scale_lr(
+            config.base_lr,
+            config.base_batch_size or recommended,
+            recommended,
+            rule=config.lr_rule,
+            optimizer=optimizer if optimizer is not None else "sgd",
+            noise_scale=config.noise_scale,
+        )
+    line, line_alloc = outcome.line, outcome.line_allocated
+    return Result(
+        recommended_batch_size=recommended,
+        largest_batch_ran=outcome.largest_ran,
+        predicted_limit=outcome.predicted_limit,
+        per_sample_bytes=line.per_sample if line else None,
+        fixed_bytes=line.fixed if line else None,
+        per_sample_allocated_bytes=line_alloc.per_sample if line_alloc else None,
+        fixed_allocated_bytes=line_alloc.fixed if line_alloc else None,
+        capacity_bytes=dev.capacity,
+        margin=config.margin,
+        device=dev.description,
+        is_estimate=dev.is_estimate,
+        trials=outcome.trials,
+        elapsed_s=elapsed,
+        learning_rate=lr.learning_rate if lr else None,
+        lr_advice=lr.to_dict() if lr else None,
+        exact_limit=outcome.exact_limit,
+        throughput_knee=knee,
+        goodput_batch_size=goodput,
+        memory_batch_size=outcome.recommended,
+        objective=config.objective,
+        timing_is_real=dev.real_timing,
+        notes=notes,
+    )
+
+
+def throughput_knee(trials: list[Trial]) -> int | None:
+    """Smallest batch whose samples/s is within 95% of the best measured."""
+    rates = [(t.batch_size, t.samples_per_s) for t in trials if t.samples_per_s]
+    if not rates:
+        return None
+    best = max(r for _, r in rates)
+    return min(b for b, r in rates if r >= KNEE_FRACTION * best)
+
+
+def goodput_batch_size(trials: list[Trial], noise_scale: float) -> int | None:
+    """Batch maximising throughput × statistical efficiency (φ + B₀)/(φ + B) (Pollux).
+
+    B₀ only scales every candidate by the same constant, so it does not move the argmax.
+    """
+    rates = [(t.batch_size, t.samples_per_s) for t in trials if t.samples_per_s]
+    if not rates:
+        return None
+    return max(rates, key=lambda br: br[1] / (noise_scale + br[0]))[0]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Whether one batch size trains within the budget, measured by a real trial."""
+
+    batch_size: int
+    fits: bool
+    peak_reserved_bytes: int | None
+    budget_bytes: float
+    capacity_bytes: int
+    margin: float
+    device: str
+    largest_fitting: int | None = None
+
+    @property
+    def overshoot_bytes(self) -> float | None:
+        if self.peak_reserved_bytes is None:
+            return None
+        return self.peak_reserved_bytes - self.budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "fits": self.fits,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "budget_bytes": self.budget_bytes,
+            "overshoot_bytes": self.overshoot_bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "margin": self.margin,
+            "device": self.device,
+            "largest_fitting": self.largest_fitting,
+        }
+
+    def __str__(self) -> str:
+        if self.fits:
+            return (
+                f"batch_size={self.batch_size} fits: peak {format_size(self.peak_reserved_bytes or 0)} "
+                f"within {format_size(self.budget_bytes)} ({1 - self.margin:.0%} of "
+                f"{format_size(self.capacity_bytes)}) on {self.device}"
+            )
+        how = (
+            "runs out of memory"
+            if self.peak_reserved_bytes is None
+            else f"peaks at {format_size(self.peak_reserved_bytes)}, "
+            f"{format_size(self.overshoot_bytes or 0)} over the budget"
+        )
+        return (
+            f"batch_size={self.batch_size} does not fit: it {how} of {format_size(self.budget_bytes)} "
+            f"({1 - self.margin:.0%} of {format_size(self.capacity_bytes)}) on {self.device}; "
+            f"largest that fits: {self.largest_fitting}"
+        )
+
+
+def preflight(
+    model: nn.Module,
+    sample: Any,
+    batch_size: int,
+    *,
+    optimizer: Any = None,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    device: Device | str | None = None,
+    **options: Any,
+) -> CheckResult:
+    """Check that `batch_size` trains within the budget; raise DoesNotFitError if not.
+
+    One real trial decides. When it fails, a probe finds the largest size that fits, so the
+    error says what to use instead.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    config = ProbeConfig(**options)
+    dev = resolve_device(device, config.capacity_bytes)
+    budget = (1 - config.margin) * dev.capacity
+    with _held(model, sample, dev, optimizer, loss_fn, config, None) as probe:
+        trial = probe.run(batch_size)
+    fits = trial.ok and trial.peak_reserved <= budget
+    check = CheckResult(
+        batch_size=batch_size,
+        fits=fits,
+        peak_reserved_bytes=trial.peak_reserved if trial.ok else None,
+        budget_bytes=budget,
+        capacity_bytes=dev.capacity,
+        margin=config.margin,
+        device=dev.description,
+    )
+    if fits:
+        return check
+    try:
+        found = find_batch_size(
+            model,
+            sample,
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            device=dev,
+            config=ProbeConfig(**{**options, "rounding": "none", "max_batch_size": batch_size - 1})
+            if batch_size > 1
+            else config,
+        )
+        largest = found.recommended_batch_size
+    except DoesNotFitError:
+        largest = 0
+    check = CheckResult(**{**check.__dict__, "largest_fitting": largest})
+    raise DoesNotFitError(str(check), check)

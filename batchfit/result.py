@@ -1,0 +1,128 @@
+"""What a probe found, as a frozen record: JSON-ready through `to_dict()`, readable through `str()`.
+
+The library returns this and never prints; the CLI decides what to show.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from batchfit.memory import format_size
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One batch size, run for a few real optimizer steps and measured."""
+
+    batch_size: int
+    ok: bool
+    """True when every step ran; False when the device ran out of memory."""
+    peak_allocated: int = 0
+    peak_reserved: int = 0
+    seconds_per_step: float | None = None
+    alloc_retries: int = 0
+
+    @property
+    def samples_per_s(self) -> float | None:
+        if not self.ok or not self.seconds_per_step:
+            return None
+        return self.batch_size / self.seconds_per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "status": "fitted" if self.ok else "oom",
+            "peak_allocated_bytes": self.peak_allocated,
+            "peak_reserved_bytes": self.peak_reserved,
+            "seconds_per_step": self.seconds_per_step,
+            "samples_per_s": self.samples_per_s,
+            "alloc_retries": self.alloc_retries,
+        }
+
+
+@dataclass(frozen=True)
+class Result:
+    """The answer of a probe and the evidence behind it."""
+
+    recommended_batch_size: int
+    largest_batch_ran: int
+    predicted_limit: int | None
+    per_sample_bytes: float | None
+    fixed_bytes: float | None
+    per_sample_allocated_bytes: float | None
+    fixed_allocated_bytes: float | None
+    capacity_bytes: int
+    margin: float
+    device: str
+    is_estimate: bool
+    trials: list[Trial]
+    elapsed_s: float
+    learning_rate: float | None = None
+    lr_advice: dict[str, Any] | None = None
+    exact_limit: int | None = None
+    throughput_knee: int | None = None
+    goodput_batch_size: int | None = None
+    memory_batch_size: int | None = None
+    objective: str = "memory"
+    timing_is_real: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def headroom_bytes(self) -> float | None:
+        """Capacity left free at the recommendation, by the fitted line."""
+        if self.per_sample_bytes is None or self.fixed_bytes is None:
+            return None
+        used = self.fixed_bytes + self.per_sample_bytes * self.recommended_batch_size
+        return self.capacity_bytes - used
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["trials"] = [t.to_dict() for t in self.trials]
+        data["headroom_bytes"] = self.headroom_bytes
+        return data
+
+    def __str__(self) -> str:
+        lines = [f"device: {self.device}" + (" — an estimate" if self.is_estimate else "")]
+        lines.append(
+            f"{'batch':>7} {'status':>7} {'peak alloc':>11} {'peak reserved':>14} "
+            f"{'s/step':>8} {'samples/s':>10}"
+        )
+        for t in self.trials:
+            sps = f"{t.samples_per_s:10.1f}" if t.samples_per_s else f"{'-':>10}"
+            sec = f"{t.seconds_per_step:8.3f}" if t.seconds_per_step else f"{'-':>8}"
+            peak_a = format_size(t.peak_allocated) if t.ok else "-"
+            peak_r = format_size(t.peak_reserved) if t.ok else "-"
+            status = "fitted" if t.ok else "OOM"
+            lines.append(f"{t.batch_size:>7} {status:>7} {peak_a:>11} {peak_r:>14} {sec} {sps}")
+        lines.append("")
+        lines.append(
+            f"recommended batch size: {self.recommended_batch_size}"
+            + (f" (objective: {self.objective})" if self.objective != "memory" else "")
+        )
+        if self.learning_rate is not None:
+            lines.append(f"learning rate:          {self.learning_rate:.6g}")
+        lines.append(f"largest batch that ran: {self.largest_batch_ran}")
+        if self.predicted_limit is not None:
+            lines.append(f"predicted limit:        {self.predicted_limit}")
+        if self.exact_limit is not None:
+            lines.append(f"exact limit:            {self.exact_limit}")
+        if self.per_sample_bytes is not None and self.fixed_bytes is not None:
+            lines.append(
+                f"memory per sample:      {format_size(self.per_sample_bytes)} "
+                f"(+ {format_size(self.fixed_bytes)} fixed), reserved"
+            )
+        headroom = self.headroom_bytes
+        if headroom is not None:
+            lines.append(
+                f"headroom:               {format_size(headroom)} of {format_size(self.capacity_bytes)} "
+                f"(margin {self.margin:.0%})"
+            )
+        if self.throughput_knee is not None:
+            lines.append(f"throughput knee:        {self.throughput_knee} (95% of best samples/s)")
+        if self.lr_advice and self.lr_advice.get("advice"):
+            for line in self.lr_advice["advice"]:
+                lines.append(f"lr advice: {line}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        lines.append(f"elapsed: {self.elapsed_s:.1f} s")
+        return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""The search for the largest batch that trains within the budget, over a `run(B)` callable.
+
+Pure: no torch devices, so it is tested in microseconds against synthetic memory curves.
+Invariant: every batch size it recommends was run and measured within the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from batchfit.memory import MemoryLine, fit_line, round_batch
+from batchfit.result import Trial
+
+# Trials below this size can peak in optimizer.step() rather than in backward (DESIGN.md),
+# which bends the line; the fit prefers trials at or above it.
+_FIT_MIN_BATCH = 4
+_FIT_SPAN = 16
+# A jump whose measured peak is this far from the line's prediction gets a second point
+# beside it, so the line is fitted where the recommendation lives.
+_FIT_TOLERANCE = 0.05
+# Without rounding, stop once a step would gain less than 1/64 (~1.5%) of the batch.
+_CLOSE_ENOUGH = 64
+_UNBOUNDED = 2**40
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What the search found; `trials` are in the order they ran."""
+
+    recommended: int
+    largest_ran: int
+    predicted_limit: int | None
+    line: MemoryLine | None
+    line_allocated: MemoryLine | None
+    exact_limit: int | None
+    trials: list[Trial]
+
+
+def fit_trials(trials: list[Trial], key: str = "peak_reserved") -> MemoryLine | None:
+    """The memory line through the successful trials that describe large batches.
+
+    Small batches peak in optimizer.step() and sit on a flatter line, so points below
+    B = 4 or below 1/16 of the largest batch that ran are left out while two remain.
+    """
+    ok = sorted((t for t in trials if t.ok), key=lambda t: t.batch_size)
+    if len({t.batch_size for t in ok}) < 2:
+        return None
+    top = ok[-1].batch_size
+    use = [t for t in ok if t.batch_size >= max(_FIT_MIN_BATCH, top / _FIT_SPAN)]
+    if len({t.batch_size for t in use}) < 2:
+        second = max(t.batch_size for t in ok if t.batch_size < top)
+        use = [t for t in ok if t.batch_size >= second]
+    return fit_line([(t.batch_size, getattr(t, key)) for t in use])
+
+
+def _conforms(batch_size: int, rounding: str) -> bool:
+    return round_batch(batch_size, rounding) == batch_size
+
+
+def search(
+    run: Callable[[int], Trial],
+    capacity: int,
+    *,
+    margin: float = 0.2,
+    start: int = 1,
+    max_batch_size: int | None = None,
+    rounding: str = "pow2",
+    exact: bool = False,
+    max_trials: int = 40,
+) -> SearchOutcome:
+    """Double from `start` until the memory line is known, then jump to its answer and verify.
+
+    A size counts as verified when its trial ran and its measured peak reserved memory
+    stayed within (1 - margin) × capacity. Failures and over-budget trials become an
+    upper bound, and every new trial refits the line, so the search converges from
+    either side of a wrong prediction.
+    """
+    budget = (1.0 - margin) * capacity
+    cap = max_batch_size or _UNBOUNDED
+    trials: dict[int, Trial] = {}
+    order: list[Trial] = []
+
+    def attempt(batch_size: int) -> Trial:
+        trial = run(batch_size)
+        trials[batch_size] = trial
+        order.append(trial)
+        return trial
+
+    def within(trial: Trial) -> bool:
+        return trial.ok and trial.peak_reserved <= budget
+
+    def verified() -> int:
+        sizes = [b for b, t in trials.items() if within(t) and _conforms(b, rounding)]
+        return max(sizes, default=0)
+
+    def ceiling() -> int:
+        """Smallest size that failed or broke the budget (exclusive upper bound)."""
+        return min((b for b, t in trials.items() if not within(t)), default=cap + 1)
+
+    batch_size = min(start, cap)
+    while True:
+        trial = attempt(batch_size)
+        ready = sum(1 for t in order if t.ok and t.batch_size >= _FIT_MIN_BATCH) >= 2
+        if not within(trial) or ready or batch_size >= cap or len(order) >= max_trials:
+            break
+        batch_size = min(batch_size * 2, cap)
+
+    while len(order) < max_trials:
+        line = fit_trials(order)
+        limit = ceiling() - 1
+        if line is not None:
+            limit = min(limit, line.max_batch(budget))
+        if any(not within(t) for t in order):
+            # Bracketed: an OOM carries no peak to correct the line with, so never step
+            # past the middle of the gap (a safeguarded secant search).
+            below = max((b for b, t in trials.items() if t.ok and b < ceiling()), default=0)
+            limit = min(limit, (below + ceiling()) // 2)
+        candidate = round_batch(limit, rounding)
+        best = verified()
+        if candidate <= best + best // _CLOSE_ENOUGH or candidate < 1 or candidate in trials:
+            break
+        trial = attempt(candidate)
+        half = candidate // 2
+        if (
+            line is not None
+            and trial.ok
+            and half >= _FIT_MIN_BATCH
+            and half not in trials
+            and abs(line.predict(candidate) - trial.peak_reserved) > _FIT_TOLERANCE * trial.peak_reserved
+        ):
+            attempt(half)
+
+    line = fit_trials(order)
+    ran = [t.batch_size for t in order if t.ok]
+    smallest_oom = min((t.batch_size for t in order if not t.ok), default=None)
+    predicted = None
+    if line is not None:
+        predicted = line.max_batch(capacity)
+        if smallest_oom is not None:
+            predicted = min(predicted, smallest_oom - 1)
+        predicted = max(predicted, max(ran, default=0))
+        predicted = min(predicted, cap) if max_batch_size else predicted
+
+    exact_limit = None
+    if exact and ran:
+        exact_limit = _bisect(attempt, trials, max(ran), smallest_oom, cap, max_trials, order)
+
+    return SearchOutcome(
+        recommended=verified(),
+        largest_ran=max((t.batch_size for t in order if t.ok), default=0),
+        predicted_limit=predicted,
+        line=line,
+        line_allocated=fit_trials(order, "peak_allocated"),
+        exact_limit=exact_limit,
+        trials=order,
+    )
+
+
+def _bisect(
+    attempt: Callable[[int], Trial],
+    trials: dict[int, Trial],
+    low: int,
+    high: int | None,
+    cap: int,
+    max_trials: int,
+    order: list[Trial],
+) -> int:
+    """Largest size that runs: double past `low` until a failure, then bisect."""
+    budget_trials = max_trials * 2  # exactness is asked for; allow it more room
+    while high is None and len(order) < budget_trials:
+        nxt = min(low * 2, cap)
+        if nxt == low:
+            return low
+        trial = trials.get(nxt) or attempt(nxt)
+        if trial.ok:
+            low = nxt
+        else:
+            high = nxt
+    while high is not None and high - low > 1 and len(order) < budget_trials:
+        mid = (low + high) // 2
+        trial = trials.get(mid) or attempt(mid)
+        if trial.ok:
+            low = mid
+        else:
+            high = mid
+    return low

@@ -1,0 +1,82 @@
+"""The simulated device's memory tracker: live tensor-storage bytes, peaks and a capacity.
+
+A TorchDispatchMode sees every tensor an operator creates; storages are counted once,
+released through `weakref.finalize`, and rounded the way the CUDA caching allocator
+rounds them, so the peak lands within a few percent of real CUDA peak allocated memory.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+# c10/cuda/CUDACachingAllocator.cpp: every block is a multiple of 512 bytes (kMinBlockSize);
+# requests above 1 MiB (kSmallSize) come from the large pool, whose segments are multiples
+# of 2 MiB (kRoundLarge). Small requests share 2 MiB segments and are not rounded further.
+_BLOCK = 512
+_SMALL = 1024**2
+_LARGE_ROUND = 2 * 1024**2
+
+
+def allocated_size(nbytes: int) -> int:
+    """Bytes the CUDA allocator hands out for a request of `nbytes`."""
+    return max(_BLOCK, -(-nbytes // _BLOCK) * _BLOCK)
+
+
+def reserved_size(nbytes: int) -> int:
+    """Bytes of segment a request ties up: large blocks in 2 MiB granules."""
+    size = allocated_size(nbytes)
+    return size if size <= _SMALL else -(-size // _LARGE_ROUND) * _LARGE_ROUND
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Count live storage bytes; raise torch.OutOfMemoryError past `capacity` (reserved)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.allocated = 0
+        self.reserved = 0
+        self.peak_allocated = 0
+        self.peak_reserved = 0
+        self._live: dict[int, tuple[int, int]] = {}
+
+    def track(self, tensor: torch.Tensor) -> None:
+        """Count `tensor`'s storage if it is not counted yet."""
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._live:
+            return
+        alloc = allocated_size(storage.nbytes())
+        reserve = reserved_size(storage.nbytes())
+        if self.reserved + reserve > self.capacity:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (simulated): tried to allocate {alloc} bytes with "
+                f"{self.reserved} of {self.capacity} bytes reserved"
+            )
+        self._live[key] = (alloc, reserve)
+        self.allocated += alloc
+        self.reserved += reserve
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        alloc, reserve = self._live.pop(key, (0, 0))
+        self.allocated -= alloc
+        self.reserved -= reserve
+
+    def reset_peak(self) -> None:
+        self.peak_allocated = self.allocated
+        self.peak_reserved = self.reserved
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                self.track(item)
+        return out

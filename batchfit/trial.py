@@ -1,0 +1,264 @@
+"""One trial: a batch of size B, a few real training steps, measured, cleaned up.
+
+Also the snapshot that puts the user's model back exactly as it was, bitwise, whatever a
+trial did to it (optimizer steps move weights, BatchNorm updates running statistics).
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
+
+from batchfit import devices
+from batchfit.devices import Device
+from batchfit.oom import is_oom, release
+from batchfit.result import Trial
+
+OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+class TrialError(RuntimeError):
+    """A trial failed for a reason other than memory: a bug the user must see."""
+
+
+def optimizer_factory(optimizer: Any) -> OptimizerFactory:
+    """A factory for fresh optimizers like the user's, over whatever parameters a trial holds.
+
+    A fresh optimizer of the user's class and hyperparameters has the same state memory
+    without ever stepping the user's own. CUDA optimizers default to foreach=True and CPU
+    ones do not, so foreach is made explicit to keep the simulated device honest.
+    """
+    if optimizer is None:
+        return lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        cls = type(optimizer)
+        accepted = inspect.signature(cls.__init__).parameters
+        # `defaults` can hold derived keys the constructor refuses (AdamW's decoupled_weight_decay).
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        if "foreach" in defaults and defaults["foreach"] is None and not defaults.get("fused"):
+            defaults["foreach"] = True
+        return lambda params: cls(params, **defaults)
+    if callable(optimizer):
+        return optimizer
+    raise ValueError(
+        f"optimizer={optimizer!r} is neither a torch.optim.Optimizer nor a factory params -> optimizer"
+    )
+
+
+def default_loss(output: Any, batch: Any) -> torch.Tensor:
+    """`output.loss` when the model computes its own (Hugging Face style), else the output's mean."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"].float().mean()
+    tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        raise TypeError(
+            f"the model returned {type(output).__name__} with no floating-point tensor; "
+            "pass loss_fn(output, batch)"
+        )
+    return tensors[0].float().mean()
+
+
+def _as_tree(sample: Any) -> Any:
+    """Tokenizer outputs are Mapping subclasses that pytree does not open; make them dicts."""
+    if isinstance(sample, Mapping):
+        return {k: _as_tree(v) for k, v in sample.items()}
+    if isinstance(sample, (tuple, list)):
+        return (
+            type(sample)(_as_tree(v) for v in sample)
+            if isinstance(sample, list)
+            else tuple(_as_tree(v) for v in sample)
+        )
+    return sample
+
+
+def check_sample(sample: Any) -> None:
+    """Fail early, in one line, on a sample the probe cannot replicate."""
+    if callable(sample) and not isinstance(sample, torch.Tensor):
+        return
+    leaves = [t for t in tree_flatten(_as_tree(sample))[0] if isinstance(t, torch.Tensor)]
+    if not leaves:
+        raise ValueError(
+            f"sample of type {type(sample).__name__} holds no tensor; pass one example "
+            "(tensor, tuple, dict) or a callable batch_size -> batch"
+        )
+
+
+@dataclass
+class Workload:
+    """What a trial trains: the model, how to build a batch of size B, the loss, the optimizer."""
+
+    model: nn.Module
+    sample: Any
+    loss_fn: LossFn
+    make_optimizer: OptimizerFactory
+    amp_dtype: torch.dtype | None = None
+
+    def batch(self, device: Device, batch_size: int) -> Any:
+        if callable(self.sample) and not isinstance(self.sample, torch.Tensor):
+            return device.put(_as_tree(self.sample(batch_size)))
+        one = device.put(_as_tree(self.sample))
+        return tree_map(
+            lambda t: (
+                t.unsqueeze(0).expand(batch_size, *t.shape).contiguous() if isinstance(t, torch.Tensor) else t
+            ),
+            one,
+        )
+
+
+def _call(model: nn.Module, tensors: dict[str, torch.Tensor], batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return functional_call(model, tensors, (), dict(batch))
+    if isinstance(batch, (tuple, list)):
+        return functional_call(model, tensors, tuple(batch))
+    return functional_call(model, tensors, (batch,))
+
+
+def trainable(model: nn.Module, held: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The held tensors that are trainable parameters, each once (tied weights share)."""
+    seen: dict[int, torch.Tensor] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tensor = held[name]
+        if param.requires_grad:
+            seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
+
+
+def run_trial(
+    device: Device,
+    workload: Workload,
+    held: dict[str, torch.Tensor],
+    params: list[torch.Tensor],
+    batch_size: int,
+    steps: int,
+) -> Trial:
+    """Train `steps` real steps at `batch_size`; an OOM is a result, any other error is raised."""
+    measurement = None
+    failure: Exception | None = None
+    try:
+        with device.measure() as measurement:
+            _train(device, workload, held, params, batch_size, steps, measurement)
+    except Exception as error:
+        if is_oom(error):
+            release(error)
+        else:
+            failure = error
+    finally:
+        for param in params:
+            param.grad = None
+    if failure is not None:
+        wrapped = _user_error(failure, batch_size)
+        del failure
+        device.empty_cache()
+        raise wrapped
+    device.empty_cache()
+    assert measurement is not None  # set by the with statement before any step ran
+    ok = len(measurement.step_seconds) == steps
+    times = measurement.step_seconds[1:] or measurement.step_seconds
+    return Trial(
+        batch_size=batch_size,
+        ok=ok,
+        peak_allocated=measurement.peak_allocated if ok else 0,
+        peak_reserved=measurement.peak_reserved if ok else 0,
+        seconds_per_step=statistics.median(times) if ok and times else None,
+        alloc_retries=measurement.alloc_retries,
+    )
+
+
+def _user_error(error: Exception, batch_size: int) -> TrialError:
+    """Name the batch size; keep the traceback as text so its frames (activations) can go."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    error.add_note("".join(traceback.format_tb(error.__traceback__)).rstrip())
+    release(error)
+    wrapped = TrialError(
+        f"batch_size={batch_size} failed with {type(error).__name__}: {first_line} "
+        "(not an out-of-memory error)"
+    )
+    wrapped.__cause__ = error
+    return wrapped
+
+
+def _train(
+    device: Device,
+    workload: Workload,
+    held: dict[str, torch.Tensor],
+    params: list[torch.Tensor],
+    batch_size: int,
+    steps: int,
+    measurement: devices.Measurement,
+) -> None:
+    """The steps themselves, in a frame of their own so their tensors die with it."""
+    batch = workload.batch(device, batch_size)
+    optimizer = workload.make_optimizer(params)
+    amp = workload.amp_dtype
+    for _ in range(steps):
+        start = devices.timer()
+        with torch.autocast(device.autocast_type, dtype=amp, enabled=amp is not None):
+            output = _call(workload.model, held, batch)
+            loss = workload.loss_fn(output, batch)
+        del output
+        loss.backward()
+        del loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        device.synchronize()
+        measurement.step_seconds.append(devices.timer() - start)
+
+
+class ModelSnapshot:
+    """Everything a probe may change in the user's model, kept to be put back bitwise.
+
+    Weights and buffers are copied to CPU; each tensor object is put back in its module
+    (moving a model replaces buffer objects) with its original device and contents;
+    gradients are set aside and returned; training flags and RNG states are restored.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.slots: list[tuple[nn.Module, str, str, torch.Tensor, torch.device]] = []
+        self.copies: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for module in model.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in getattr(module, kind).items():
+                    if tensor is None:
+                        continue
+                    self.slots.append((module, kind, name, tensor, tensor.device))
+                    if id(tensor) not in self.copies:
+                        self.copies[id(tensor)] = tensor.detach().to("cpu", copy=True)
+                    if kind == "_parameters":
+                        self.grads[id(tensor)] = (tensor, tensor.grad)
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.rng = devices.rng_state()
+
+    def set_grads_aside(self) -> None:
+        for tensor, _ in self.grads.values():
+            tensor.grad = None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, kind, name, tensor, device in self.slots:
+                getattr(module, kind)[name] = tensor
+                saved = self.copies[id(tensor)]
+                if tensor.device == device and tensor.dtype == saved.dtype:
+                    tensor.data.copy_(saved)
+                else:
+                    tensor.data = saved.to(device, copy=True)
+        for tensor, grad in self.grads.values():
+            tensor.grad = grad
+        for module, training in self.modes:
+            module.training = training
+        devices.set_rng_state(self.rng)

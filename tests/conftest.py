@@ -1,0 +1,58 @@
+"""Small fixture models shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def linear_stack(layers: int = 4, width: int = 256) -> nn.Sequential:
+    """Bias-free Linear layers: memory known in closed form (see test_probe)."""
+    return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+
+
+class SmallCNN(nn.Module):
+    """Conv + BatchNorm + Dropout: BN stats, dropout RNG and train/eval mode all change in a probe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+class DictModel(nn.Module):
+    """Takes keyword tensors and computes its own loss, like a Hugging Face model."""
+
+    def __init__(self, vocab: int = 100, width: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.head(self.emb(input_ids))
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return {"loss": loss, "logits": logits}
+
+
+class PairModel(nn.Module):
+    """Takes two positional tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 8)
+        self.b = nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.a(x) * self.b(y)
+
+
+@pytest.fixture
+def cnn() -> SmallCNN:
+    torch.manual_seed(0)
+    return SmallCNN()

@@ -1,0 +1,250 @@
+"""The probe end to end on the simulated device: the same code that runs on CUDA."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from conftest import DictModel, PairModel, linear_stack
+from torch import nn
+
+import batchfit
+from batchfit import SimulatedDevice, TrialError, find_batch_size
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bitwise_equal(before: dict, model: nn.Module) -> None:
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and after[key].device == value.device, key
+        assert torch.equal(
+            after[key].view(torch.uint8) if value.dim() else after[key],
+            value.view(torch.uint8) if value.dim() else value,
+        ), key
+
+
+def test_linear_stack_matches_closed_form():
+    """Closed form for L bias-free Linear(d, d) layers, SGD with momentum, fp32, loss = mean.
+
+    Per sample at the peak (start of backward): the inputs of all L layers are saved
+    for the weight gradients, and the last layer's incoming gradient (materialised from
+    mean's expand) coexists with the gradient of its input: (L + 2)·d·4 bytes.
+    Fixed: weights and momentum (2·L·d²·4) plus the first weight gradient (d²·4).
+    """
+    layers, width = 4, 512
+    model = linear_stack(layers, width)
+    result = find_batch_size(model, torch.randn(width), memory="1GiB", max_batch_size=8192)
+    per_sample = (layers + 2) * width * 4
+    fixed = (2 * layers + 1) * width * width * 4
+    assert result.per_sample_allocated_bytes == pytest.approx(per_sample, rel=0.02)
+    assert result.fixed_allocated_bytes == pytest.approx(fixed, rel=0.02)
+    assert result.per_sample_bytes == pytest.approx(per_sample, rel=0.02)
+
+
+def test_oom_trials_happen_and_the_answer_respects_the_margin():
+    model = linear_stack(4, 256)
+    result = find_batch_size(model, torch.randn(256), memory="64MiB", exact=True)
+    assert any(not t.ok for t in result.trials)
+    budget = 0.8 * 64 * 2**20
+    chosen = next(t for t in result.trials if t.batch_size == result.recommended_batch_size)
+    assert chosen.ok and chosen.peak_reserved <= budget
+    assert result.exact_limit >= result.recommended_batch_size
+    assert result.exact_limit < 2 * result.predicted_limit
+
+
+def test_margin_moves_the_answer():
+    model = linear_stack(4, 256)
+    loose = find_batch_size(model, torch.randn(256), memory="64MiB", margin=0.0, rounding="none")
+    tight = find_batch_size(model, torch.randn(256), memory="64MiB", margin=0.5, rounding="none")
+    assert tight.recommended_batch_size < loose.recommended_batch_size
+    for r, m in ((loose, 0.0), (tight, 0.5)):
+        t = next(t for t in r.trials if t.batch_size == r.recommended_batch_size)
+        assert t.peak_reserved <= (1 - m) * 64 * 2**20
+
+
+def test_model_optimizer_rng_and_mode_come_back_bitwise(cnn):
+    cnn.eval()
+    opt = torch.optim.SGD(cnn.parameters(), lr=0.1, momentum=0.9)
+    cnn(torch.randn(2, 3, 16, 16)).mean().backward()
+    opt.step()  # optimizer state exists, grads exist
+    before, grads = state_of(cnn), [p.grad.clone() for p in cnn.parameters()]
+    opt_before = {k: v["momentum_buffer"].clone() for k, v in opt.state.items()}
+    sample = torch.randn(3, 16, 16)
+    rng = torch.get_rng_state()
+    find_batch_size(cnn, sample, optimizer=opt, memory="256MiB", device="cpu")
+    assert_bitwise_equal(before, cnn)
+    assert all(torch.equal(p.grad, g) for p, g in zip(cnn.parameters(), grads, strict=False))
+    assert all(torch.equal(opt.state[k]["momentum_buffer"], v) for k, v in opt_before.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not cnn.training and not cnn.bn.training
+
+
+class Boom(Exception):
+    pass
+
+
+def _explode_at(model: nn.Module, batch_size: int, error: BaseException):
+    def hook(module, args):
+        if args[0].shape[0] >= batch_size:
+            raise error
+
+    return model.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("device", ["cpu", "simulated"])
+def test_real_bug_reaches_the_caller_with_the_batch_size_and_state_is_restored(cnn, device):
+    before = state_of(cnn)
+    _explode_at(cnn.fc, 8, ValueError("shape mismatch in fc"))
+    with pytest.raises(
+        TrialError, match=r"batch_size=8 failed with ValueError: shape mismatch in fc \(not an out-of-memory"
+    ):
+        find_batch_size(cnn, torch.randn(3, 16, 16), memory="256MiB", device=device)
+    assert_bitwise_equal(before, cnn)
+
+
+@pytest.mark.parametrize("device", ["cpu", "simulated"])
+def test_keyboard_interrupt_restores_state(cnn, device):
+    before = state_of(cnn)
+    cnn.train()
+    _explode_at(cnn.fc, 16, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        find_batch_size(cnn, torch.randn(3, 16, 16), memory="256MiB", device=device)
+    assert_bitwise_equal(before, cnn)
+    assert cnn.training
+
+
+def test_memory_is_back_where_it_was():
+    dev = SimulatedDevice(256 * 2**20)
+    model = linear_stack(3, 128)
+    find_batch_size(model, torch.randn(128), device=dev, exact=True)
+    gc.collect()
+    assert dev.tracker.allocated == 0  # the fake weights, batches and optimizer state are all gone
+
+
+def test_real_cpu_compute_frees_everything_it_made():
+    dev = SimulatedDevice(256 * 2**20, compute="real")
+    model = linear_stack(3, 128)
+    baseline = sum(p.numel() * 4 for p in model.parameters())
+    find_batch_size(model, torch.randn(128), device=dev)
+    gc.collect()
+    assert dev.tracker.allocated == pytest.approx(baseline, rel=0.01)  # only the weights stay
+
+
+@pytest.mark.parametrize(
+    ("model", "sample"),
+    [
+        (linear_stack(2, 32), torch.randn(32)),
+        (PairModel(), (torch.randn(16), torch.randn(4))),
+        (PairModel(), [torch.randn(16), torch.randn(4)]),
+        (DictModel(), {"input_ids": torch.randint(0, 100, (12,)), "labels": torch.randint(0, 100, (12,))}),
+        (linear_stack(2, 32), lambda b: torch.randn(b, 32)),
+    ],
+    ids=["tensor", "tuple", "list", "dict", "callable"],
+)
+def test_sample_forms(model, sample):
+    result = find_batch_size(model, sample, memory="64MiB")
+    assert result.recommended_batch_size >= 1
+    assert result.per_sample_bytes and result.per_sample_bytes > 0
+
+
+def test_batchnorm_model_starts_at_two(cnn):
+    result = find_batch_size(cnn, torch.randn(3, 16, 16), memory="128MiB")
+    assert result.trials[0].batch_size == 2
+
+
+def test_bf16_uses_less_activation_memory():
+    model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256))
+    fp32 = find_batch_size(model, torch.randn(256), memory="256MiB", rounding="none")
+    bf16 = find_batch_size(model, torch.randn(256), memory="256MiB", rounding="none", precision="bf16")
+    assert bf16.per_sample_bytes < 0.9 * fp32.per_sample_bytes
+
+
+def test_adamw_state_costs_more_than_sgd():
+    model = linear_stack(4, 256)
+    sgd = find_batch_size(model, torch.randn(256), memory="64MiB")
+    adam = find_batch_size(
+        model, torch.randn(256), memory="64MiB", optimizer=torch.optim.AdamW(model.parameters())
+    )
+    weights = 4 * 256 * 256 * 4
+    assert adam.fixed_bytes - sgd.fixed_bytes == pytest.approx(weights, rel=0.05)  # exp_avg_sq on top
+
+
+def test_learning_rate_is_scaled():
+    result = find_batch_size(
+        linear_stack(2, 64),
+        torch.randn(64),
+        memory="64MiB",
+        base_lr=0.1,
+        base_batch_size=256,
+        max_batch_size=8192,
+    )
+    assert result.learning_rate == pytest.approx(0.1 * result.recommended_batch_size / 256)
+
+
+def test_result_dict_has_the_shared_keys():
+    result = find_batch_size(linear_stack(2, 32), torch.randn(32), memory="16MiB")
+    data = result.to_dict()
+    for key in [
+        "recommended_batch_size",
+        "learning_rate",
+        "largest_batch_ran",
+        "predicted_limit",
+        "per_sample_bytes",
+        "fixed_bytes",
+        "capacity_bytes",
+        "margin",
+        "device",
+        "trials",
+        "elapsed_s",
+    ]:
+        assert key in data
+    assert data["trials"][0]["status"] in ("fitted", "oom")
+    assert "recommended batch size" in str(result)
+
+
+def test_nothing_fits_is_one_clear_error():
+    with pytest.raises(batchfit.DoesNotFitError, match="no batch size trains within"):
+        find_batch_size(linear_stack(4, 512), torch.randn(512), memory="4MiB")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"margin": 1.0}, "margin=1.0"),
+        ({"margin": -0.1}, "margin=-0.1"),
+        ({"steps_per_trial": 1}, "steps_per_trial=1"),
+        ({"precision": "fp8"}, "precision='fp8'"),
+        ({"memory": "lots"}, "memory size 'lots'"),
+        ({"base_lr": -1.0}, "base_lr=-1.0"),
+        ({"rounding": "odd"}, "rounding='odd'"),
+    ],
+)
+def test_bad_options_fail_before_any_trial(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        find_batch_size(linear_stack(1, 8), torch.randn(8), **{"memory": "1GiB", **kwargs})
+
+
+def test_bad_model_and_sample():
+    with pytest.raises(ValueError, match=r"must be a torch\.nn\.Module"):
+        find_batch_size("resnet", torch.randn(3), memory="1GiB")
+    with pytest.raises(ValueError, match="holds no tensor"):
+        find_batch_size(linear_stack(1, 8), [1, 2, 3], memory="1GiB")
+
+
+def test_simulated_device_needs_a_capacity():
+    with pytest.raises(ValueError, match="needs a capacity"):
+        find_batch_size(linear_stack(1, 8), torch.randn(8), device="simulated")
+
+
+def test_preflight_passes_and_fails(cnn):
+    ok = batchfit.preflight(cnn, torch.randn(3, 16, 16), 4, memory="64MiB")
+    assert ok.fits and ok.peak_reserved_bytes <= ok.budget_bytes
+    with pytest.raises(batchfit.DoesNotFitError, match="does not fit") as info:
+        batchfit.preflight(cnn, torch.randn(3, 16, 16), 4096, memory="64MiB")
+    check = info.value.check
+    assert not check.fits and 0 < check.largest_fitting < 4096

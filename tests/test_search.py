@@ -1,0 +1,143 @@
+"""The search against synthetic memory curves: no torch devices, microseconds per case."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchfit.result import Trial
+from batchfit.search import search
+
+GB = 10**9
+
+
+def device(fixed, per_sample, capacity, bend=0.0):
+    """A fake `run(B)`: peak = fixed + per_sample·B (+ bend·B² to break linearity); OOM past capacity."""
+    calls = []
+
+    def run(b):
+        calls.append(b)
+        peak = fixed + per_sample * b + bend * b * b
+        if peak > capacity:
+            return Trial(batch_size=b, ok=False)
+        return Trial(
+            batch_size=b,
+            ok=True,
+            peak_allocated=int(peak * 0.9),
+            peak_reserved=int(peak),
+            seconds_per_step=0.1,
+        )
+
+    return run, calls
+
+
+def test_resnet_like_curve_needs_few_trials():
+    run, calls = device(0.4 * GB, 0.086 * GB, 24 * 2**30)
+    out = search(run, 24 * 2**30, margin=0.2, start=2)
+    assert out.recommended == 128
+    assert len(calls) <= 5
+    assert not any(not t.ok for t in out.trials)
+
+
+def test_recommendation_was_run_and_respects_margin():
+    run, calls = device(1 * GB, 0.05 * GB, 20 * GB)
+    out = search(run, 20 * GB, margin=0.2)
+    rec = out.recommended
+    assert rec in calls
+    trial = next(t for t in out.trials if t.batch_size == rec)
+    assert trial.ok and trial.peak_reserved <= 0.8 * 20 * GB
+    assert rec * 2 > (0.8 * 20 * GB - 1 * GB) / (0.05 * GB)  # the next power of two breaks the budget
+
+
+def test_oom_during_doubling_is_handled():
+    run, _calls = device(1 * GB, 1 * GB, 3.5 * GB)  # B=1,2 fit; B=4 runs out of memory
+    out = search(run, int(3.5 * GB), margin=0.0)
+    assert any(not t.ok for t in out.trials)
+    assert out.recommended == 2
+    assert out.largest_ran == 2
+
+
+def test_nothing_fits_gives_zero():
+    run, _ = device(5 * GB, 1 * GB, 4 * GB)
+    out = search(run, 4 * GB, margin=0.2)
+    assert out.recommended == 0 and out.largest_ran == 0
+
+
+def test_convex_curve_steps_down_after_a_wrong_jump():
+    run, calls = device(1 * GB, 0.01 * GB, 40 * GB, bend=0.0004 * GB)
+    out = search(run, 40 * GB, margin=0.2)
+    rec = out.recommended
+    peak = 1 * GB + 0.01 * GB * rec + 0.0004 * GB * rec * rec
+    assert peak <= 0.8 * 40 * GB
+    assert rec in calls
+
+
+def test_max_batch_size_caps_every_trial():
+    run, calls = device(1 * GB, 0.001 * GB, 80 * GB)
+    out = search(run, 80 * GB, margin=0.2, max_batch_size=100, rounding="none")
+    assert max(calls) <= 100
+    assert out.recommended == 100
+
+
+def test_exact_limit_is_found_by_bisection():
+    run, _calls = device(1 * GB, 0.1 * GB, 20 * GB)
+    out = search(run, 20 * GB, margin=0.2, exact=True)
+    assert out.exact_limit == 190  # 1 + 0.1·190 = 20 GB exactly; 191 runs out
+    assert any(not t.ok for t in out.trials)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    fixed=st.floats(min_value=0.05, max_value=30),
+    per_sample=st.floats(min_value=1e-5, max_value=5),
+    capacity=st.floats(min_value=1, max_value=200),
+    margin=st.floats(min_value=0, max_value=0.6),
+    bend=st.floats(min_value=0, max_value=1e-3),
+    rounding=st.sampled_from(["pow2", "mult8", "none"]),
+)
+def test_invariant_every_answer_was_run_within_budget(fixed, per_sample, capacity, margin, bend, rounding):
+    run, calls = device(fixed * GB, per_sample * GB, capacity * GB, bend=bend * GB)
+    out = search(run, int(capacity * GB), margin=margin, rounding=rounding, max_trials=40)
+    assert len(calls) <= 40
+    if out.recommended:
+        assert out.recommended in calls
+        trial = next(t for t in out.trials if t.batch_size == out.recommended)
+        assert trial.ok and trial.peak_reserved <= (1 - margin) * capacity * GB
+    else:
+        assert fixed * GB + per_sample * GB + bend * GB > (1 - margin) * capacity * GB
+
+
+def test_search_is_near_optimal_for_linear_memory():
+    for per_sample in (0.003, 0.02, 0.7):
+        run, _calls = device(2 * GB, per_sample * GB, 40 * GB)
+        out = search(run, 40 * GB, margin=0.2, rounding="none")
+        best = int((0.8 * 40 - 2) / per_sample)
+        assert out.recommended >= 0.97 * best, (per_sample, out.recommended, best)
+
+
+@pytest.mark.parametrize("rounding", ["pow2", "mult8"])
+def test_recommendation_follows_rounding(rounding):
+    run, _ = device(1 * GB, 0.013 * GB, 24 * GB)
+    out = search(run, 24 * GB, margin=0.2, rounding=rounding)
+    if rounding == "pow2":
+        assert out.recommended & (out.recommended - 1) == 0
+    else:
+        assert out.recommended % 8 == 0
+
+
+def test_two_regime_curve_converges_in_few_trials():
+    """Optimizer-step peak dominates small batches (flat), activations dominate large ones."""
+    calls = []
+    capacity = 64 * 2**20
+
+    def run(b):
+        calls.append(b)
+        peak = max(3 * 2**20 + 512 * b, 2 * 2**20 + 6 * 1024 * b)
+        if peak > capacity:
+            return Trial(batch_size=b, ok=False)
+        return Trial(batch_size=b, ok=True, peak_allocated=peak, peak_reserved=peak)
+
+    for rounding in ("none", "pow2"):
+        calls.clear()
+        out = search(run, capacity, margin=0.0, rounding=rounding)
+        assert len(calls) <= 14, (rounding, calls)
+        assert out.recommended >= (0.9 * (capacity - 2 * 2**20) / 6144 if rounding == "none" else 8192)
