@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from batchfit.memory import GIB, format_size
-from batchfit.tracker import MemoryTracker
+from batchfit.tracker import CudaKernelRouting, MemoryTracker
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,15 @@ class SimulatedDevice(Device):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         self._fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+        # FakeTensorMode logs a traceback for every kernel that raises; the probe re-raises
+        # real errors itself, naming the batch size, so that log is noise here.
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        was_disabled, fake_log.disabled = fake_log.disabled, True
         try:
             yield
         finally:
             self._fake_mode = None
+            fake_log.disabled = was_disabled
 
     @contextlib.contextmanager
     def hold(self, model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
@@ -220,6 +225,7 @@ class SimulatedDevice(Device):
             if self._fake_mode is not None:
                 stack.enter_context(self._fake_mode)
             stack.enter_context(self.tracker)
+            stack.enter_context(CudaKernelRouting())
             try:
                 yield result
             finally:

@@ -55,6 +55,8 @@ def optimizer_family(optimizer: Any) -> str | None:
         name = optimizer
     elif isinstance(optimizer, type):
         name = optimizer.__name__
+    elif isinstance(getattr(optimizer, "func", None), type):  # functools.partial(AdamW, ...)
+        name = optimizer.func.__name__
     else:
         name = type(optimizer).__name__
     name = name.lower()

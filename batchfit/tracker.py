@@ -11,6 +11,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -80,3 +81,22 @@ class MemoryTracker(TorchDispatchMode):
             if isinstance(item, torch.Tensor):
                 self.track(item)
         return out
+
+
+class CudaKernelRouting(TorchFunctionMode):
+    """Route attention to the kernel whose memory CUDA would show.
+
+    CUDA's flash and memory-efficient SDPA kernels keep O(T) state with or without
+    dropout (a Philox seed, not a mask). CPU flash refuses dropout, and the math
+    fallback keeps O(T²) attention weights, so attention dropout is dropped here:
+    memory as on CUDA, at the cost of dropout inside attention in simulated runs.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            else:
+                kwargs = {**kwargs, "dropout_p": 0.0}
+        return func(*args, **kwargs)

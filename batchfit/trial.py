@@ -174,7 +174,8 @@ def run_trial(
         ok=ok,
         peak_allocated=measurement.peak_allocated if ok else 0,
         peak_reserved=measurement.peak_reserved if ok else 0,
-        seconds_per_step=statistics.median(times) if ok and times else None,
+        # Host time under fake tensors is no GPU's step time; report none rather than a wrong one.
+        seconds_per_step=statistics.median(times) if ok and times and device.real_timing else None,
         alloc_retries=measurement.alloc_retries,
     )
 

@@ -1,0 +1,5 @@
+"""`python -m batchfit` (and `torchrun -m batchfit`) runs the command line."""
+
+from batchfit.cli import main
+
+main()

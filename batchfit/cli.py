@@ -1,0 +1,303 @@
+"""The `batchfit` command: parses options, calls the library, prints. Nothing else lives here.
+
+Exit codes: 0 success (and `check`: the batch fits), 1 it does not fit, 2 bad input,
+3 the model itself failed (a real bug, not memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+EXIT_DOES_NOT_FIT = 1
+EXIT_MODEL_ERROR = 3
+
+
+def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in value.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a shape; use e.g. 3,224,224") from None
+    if not shape or any(d < 1 for d in shape):
+        raise click.BadParameter(f"{value!r} must be positive integers, e.g. 3,224,224")
+    return shape
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from batchfit.memory import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def _gpu(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    from batchfit.gpus import find_gpu
+
+    try:
+        return find_gpu(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by probe, estimate and check."""
+    options = [
+        click.option("--model", "model_name", metavar="NAME",
+                     help="torchvision name, bert-base/gpt2/…, timm:NAME or path/file.py:factory."),
+        click.option("--input-shape", callback=_shape, metavar="C,H,W",
+                     help="One sample's shape (image models; default 3,224,224)."),
+        click.option("--seq-len", type=click.IntRange(min=1), help="Sequence length (transformers)."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                     show_default=True),
+        click.option("--optimizer", type=click.Choice(["sgd", "adamw", "adam"]), default="sgd",
+                     show_default=True, help="SGD momentum 0.9; AdamW/Adam with foreach."),
+        click.option("--margin", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+                     help="Fraction of usable memory kept free."),
+        click.option("--memory", callback=_size, metavar="SIZE", help="Plan for this capacity, e.g. 24GiB."),
+        click.option("--gpu", callback=_gpu, metavar="NAME", help="Plan for a known card (batchfit gpus)."),
+        click.option("--device", "device_name", metavar="DEV", help="cuda, cuda:1, or simulated."),
+        click.option("--base-lr", type=click.FloatRange(min=0, min_open=True),
+                     help="Learning rate known good at --base-batch-size."),
+        click.option("--base-batch-size", type=click.IntRange(min=1)),
+        click.option("--lr-rule", type=click.Choice(["auto", "linear", "sqrt", "noise"]), default="auto",
+                     show_default=True),
+        click.option("--noise-scale", type=click.FloatRange(min=0, min_open=True),
+                     help="Gradient noise scale B_simple, if known."),
+        click.option("--exact", is_flag=True, help="Also bisect to the exact limit."),
+        click.option("--json", "json_path", metavar="PATH", help="Write the result as JSON ('-': stdout)."),
+        click.option("--plot", "plot_path", metavar="PATH", help="Write a PNG of memory against batch size."),
+        click.option("--quiet", "-q", is_flag=True, help="Print only the answer."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+class Run:
+    """The pieces every command needs, built from the shared options."""
+
+    def __init__(self, opts: dict[str, Any], *, simulate: bool) -> None:
+        from batchfit import devices
+        from batchfit.models import OPTIMIZERS, build
+
+        if not opts["model_name"]:
+            raise click.UsageError("--model is required (see batchfit probe --list-models)")
+        if opts["memory"] and opts["gpu"]:
+            raise click.UsageError("give --memory or --gpu, not both")
+        if opts["base_batch_size"] and not opts["base_lr"]:
+            raise click.UsageError("--base-batch-size goes with --base-lr")
+        self.quiet = opts["quiet"]
+        try:
+            self.spec = build(opts["model_name"], input_shape=opts["input_shape"], seq_len=opts["seq_len"])
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--model") from None
+        self.optimizer = OPTIMIZERS[opts["optimizer"]]
+        capacity = opts["memory"] or (opts["gpu"].usable_bytes if opts["gpu"] else None)
+        label = opts["gpu"].name if opts["gpu"] else None
+        wanted = opts["device_name"]
+        if wanted and wanted != "simulated" and not wanted.startswith("cuda"):
+            raise click.BadParameter(f"{wanted!r} is not cuda, cuda:N or simulated", param_hint="--device")
+        use_cuda = not simulate and wanted != "simulated" and (wanted or devices.cuda_available())
+        if use_cuda:
+            index = int(wanted.split(":", 1)[1]) if wanted and ":" in wanted else None
+            try:
+                self.device: Any = devices.CudaDevice(index, capacity)
+            except ValueError as error:
+                raise click.BadParameter(str(error), param_hint="--device") from None
+        else:
+            if capacity is None:
+                capacity = devices.host_available_memory()
+                label = "this machine's free RAM"
+                self.say(
+                    f"no CUDA GPU here: simulating a GPU the size of this machine's free RAM "
+                    f"({capacity / 1024**3:.1f} GiB); use --gpu NAME or --memory SIZE to plan for a GPU"
+                )
+            self.device = devices.SimulatedDevice(capacity, name=label)
+        self.options = {
+            "margin": opts["margin"],
+            "precision": None if opts["precision"] == "fp32" else opts["precision"],
+            "base_lr": opts["base_lr"],
+            "base_batch_size": opts["base_batch_size"],
+            "lr_rule": opts["lr_rule"],
+            "noise_scale": opts["noise_scale"],
+            "exact": opts["exact"],
+        }
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(text, err=True)
+
+    def on_trial(self, trial: Any) -> None:
+        from batchfit.memory import format_size
+
+        if trial.ok:
+            timing = f", {trial.seconds_per_step:.3f} s/step" if trial.seconds_per_step else ""
+            self.say(f"  batch {trial.batch_size:>6}: fitted, peak {format_size(trial.peak_reserved)}{timing}")
+        else:
+            self.say(f"  batch {trial.batch_size:>6}: out of memory")
+
+
+def _emit_json(data: dict[str, Any], path: str | None) -> None:
+    if not path:
+        return
+    text = json.dumps(data, indent=2, default=str)
+    if path == "-":
+        click.echo(text)
+    else:
+        with open(path, "w") as handle:
+            handle.write(text + "\n")
+
+
+def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -> None:
+    from batchfit.probe import DoesNotFitError, find_batch_size
+    from batchfit.trial import TrialError
+
+    run = Run(opts, simulate=simulate)
+    run.say(f"probing {run.spec.description} on {run.device.description}")
+    try:
+        result = find_batch_size(
+            run.spec.model, run.spec.sample, optimizer=run.optimizer, loss_fn=run.spec.loss_fn,
+            device=run.device, on_trial=run.on_trial, objective=objective, **run.options,
+        )
+    except DoesNotFitError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_DOES_NOT_FIT)
+    except TrialError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_MODEL_ERROR)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    data = {"model": run.spec.description, **result.to_dict()}
+    if opts["plot_path"]:
+        from batchfit.plot import plot_result
+
+        try:
+            plot_result(result, opts["plot_path"], title=run.spec.description)
+        except ImportError as error:
+            raise click.UsageError(str(error)) from None
+    if opts["json_path"] == "-":
+        _emit_json(data, "-")
+        return
+    _emit_json(data, opts["json_path"])
+    if run.quiet:
+        lr = f", learning rate {result.learning_rate:.6g}" if result.learning_rate is not None else ""
+        click.echo(f"recommended batch size {result.recommended_batch_size}{lr}")
+    else:
+        click.echo(str(result))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="batchfit")
+@click.option("--verbose", "-v", is_flag=True, help="Log each step of the search.")
+def main(verbose: bool) -> None:
+    """Find the largest batch size that trains safely on a GPU, and its learning rate."""
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+
+
+@main.command()
+@model_options
+@click.option("--objective", type=click.Choice(["memory", "throughput", "goodput"]), default="memory",
+              show_default=True, help="What the recommendation maximises.")
+@click.option("--list-models", is_flag=True, help="List the model names and exit.")
+def probe(objective: str, list_models: bool, **opts: Any) -> None:
+    """Run real training steps on the GPU (simulated without one) and recommend a batch size."""
+    if list_models:
+        from batchfit.models import list_models as names
+
+        click.echo("\n".join(names()))
+        click.echo("timm:NAME (with timm installed), path/to/file.py:factory")
+        return
+    _probe(opts, simulate=False, objective=objective)
+
+
+@main.command()
+@model_options
+def estimate(**opts: Any) -> None:
+    """Estimate offline on a simulated card, never touching a GPU (needs --gpu or --memory)."""
+    if not opts["gpu"] and not opts["memory"]:
+        raise click.UsageError("estimate needs --gpu NAME or --memory SIZE")
+    _probe(opts, simulate=True)
+
+
+@main.command()
+@model_options
+@click.option("--batch-size", type=click.IntRange(min=1), required=True, help="The batch size to check.")
+def check(batch_size: int, **opts: Any) -> None:
+    """Pre-flight: exit 0 if BATCH_SIZE trains within the margin, 1 if not, 2 on bad input."""
+    from batchfit.probe import DoesNotFitError, preflight
+    from batchfit.trial import TrialError
+
+    run = Run(opts, simulate=False)
+    options = {k: v for k, v in run.options.items() if k in ("margin", "precision")}
+    try:
+        result = preflight(run.spec.model, run.spec.sample, batch_size, optimizer=run.optimizer,
+                           loss_fn=run.spec.loss_fn, device=run.device, **options)
+        code = 0
+    except DoesNotFitError as error:
+        assert error.check is not None  # preflight always attaches its measurement
+        result, code = error.check, EXIT_DOES_NOT_FIT
+    except TrialError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_MODEL_ERROR)
+    _emit_json({"model": run.spec.description, **result.to_dict()}, opts["json_path"])
+    if opts["json_path"] != "-":
+        click.echo(str(result), err=code != 0)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
+def gpus(as_json: bool) -> None:
+    """The cards behind --gpu, with the memory their drivers report."""
+    from batchfit.gpus import GPUS
+    from batchfit.memory import format_size
+
+    if as_json:
+        click.echo(json.dumps([{"name": g.name, "total_bytes": g.total_bytes, "usable_bytes": g.usable_bytes,
+                                "note": g.note} for g in GPUS.values()], indent=2))
+        return
+    click.echo(f"{'name':<11} {'driver total':>13} {'usable':>11}  note")
+    for g in GPUS.values():
+        click.echo(f"{g.name:<11} {format_size(g.total_bytes):>13} {format_size(g.usable_bytes):>11}  {g.note}")
+    click.echo("usable = total less the CUDA context (~0.8 GiB), what the estimate plans with")
+
+
+@main.command()
+@click.option("--base-lr", type=click.FloatRange(min=0, min_open=True), required=True)
+@click.option("--base-batch-size", type=click.IntRange(min=1), required=True)
+@click.option("--batch-size", type=click.IntRange(min=1), required=True)
+@click.option("--rule", type=click.Choice(["auto", "linear", "sqrt", "noise"]), default="auto", show_default=True)
+@click.option("--optimizer", help="Optimizer name (sgd, adamw, lamb, …): picks the auto rule.")
+@click.option("--noise-scale", type=click.FloatRange(min=0, min_open=True), help="Gradient noise scale φ.")
+@click.option("--json", "json_path", metavar="PATH", help="Write the answer as JSON ('-': stdout).")
+def lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str, optimizer: str | None,
+       noise_scale: float | None, json_path: str | None) -> None:
+    """Scale a learning rate from one batch size to another, with warmup advice."""
+    from batchfit.lr import scale_lr
+
+    try:
+        scaled = scale_lr(base_lr, base_batch_size, batch_size, rule=rule, optimizer=optimizer,
+                          noise_scale=noise_scale)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    _emit_json(scaled.to_dict(), json_path)
+    if json_path != "-":
+        click.echo(str(scaled))
+
+
+if __name__ == "__main__":
+    main()

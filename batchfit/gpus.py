@@ -1,0 +1,56 @@
+"""Known GPUs and the memory their drivers report, for planning without the card.
+
+Totals are `nvidia-smi --query-gpu=memory.total` (MiB) as the driver reports them for each
+card (AMD: rocm-smi's VRAM total), not the marketing figure: an "80GB" H100 shows 81559 MiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batchfit.devices import CUDA_CONTEXT_BYTES
+
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    total_bytes: int
+    note: str = ""
+
+    @property
+    def usable_bytes(self) -> int:
+        """What the caching allocator can have: the total less the CUDA context."""
+        return self.total_bytes - CUDA_CONTEXT_BYTES
+
+
+GPUS: dict[str, Gpu] = {
+    g.name.lower(): g
+    for g in [
+        Gpu("T4", 15360 * MIB, "Turing, 16 GB GDDR6"),
+        Gpu("V100-16GB", 16384 * MIB, "Volta, HBM2"),
+        Gpu("V100-32GB", 32768 * MIB, "Volta, HBM2"),
+        Gpu("A10G", 23028 * MIB, "Ampere, AWS g5"),
+        Gpu("L4", 23034 * MIB, "Ada, 24 GB GDDR6"),
+        Gpu("RTX3090", 24576 * MIB, "Ampere, 24 GB GDDR6X"),
+        Gpu("RTX4090", 24564 * MIB, "Ada, 24 GB GDDR6X"),
+        Gpu("L40S", 46068 * MIB, "Ada, 48 GB GDDR6"),
+        Gpu("A100-40GB", 40960 * MIB, "Ampere, HBM2"),
+        Gpu("A100-80GB", 81920 * MIB, "Ampere, HBM2e"),
+        Gpu("H100-80GB", 81559 * MIB, "Hopper, HBM3"),
+        Gpu("H200", 143771 * MIB, "Hopper, 141 GB HBM3e"),
+        Gpu("B200", 183359 * MIB, "Blackwell, 180 GB HBM3e"),
+        Gpu("MI300X", 196592 * MIB, "AMD CDNA3, 192 GB HBM3 (ROCm)"),
+    ]
+}
+
+
+def find_gpu(name: str) -> Gpu:
+    """The catalog entry for `name` (case-insensitive), or a ValueError listing close ones."""
+    key = name.strip().lower()
+    if key in GPUS:
+        return GPUS[key]
+    matches = [g.name for k, g in GPUS.items() if key and key in k]
+    hint = f"; did you mean {', '.join(matches)}?" if matches else ""
+    raise ValueError(f"unknown GPU {name!r}{hint} (see batchfit gpus)")

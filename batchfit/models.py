@@ -1,0 +1,174 @@
+"""Model names the CLI understands, built offline with random weights: (model, sample, loss).
+
+torchvision names, `timm:NAME`, Hugging Face families from configs (no hub), and
+`path/to/file.py:factory`. Transformers carry labels and compute their own loss, since the
+loss's memory (fp32 logits over the vocabulary) is part of what is measured.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+IMAGE_SHAPE = (3, 224, 224)
+
+
+@dataclass
+class ModelSpec:
+    """A model ready to probe, with one sample and the loss it trains with."""
+
+    model: nn.Module
+    sample: Any
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None
+    description: str
+
+
+def _classification_loss(output: torch.Tensor, batch: Any) -> torch.Tensor:
+    # Cross-entropy against a constant label: the memory of a real classification step.
+    logits = output if isinstance(output, torch.Tensor) else output[0]
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return nn.functional.cross_entropy(logits.float(), target)
+
+
+def _token_sample(vocab: int, seq_len: int, labels: str) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (seq_len,))
+    sample = {"input_ids": ids, "attention_mask": torch.ones(seq_len, dtype=torch.long)}
+    if labels == "lm":
+        sample["labels"] = ids.clone()
+    elif labels == "class":
+        sample["labels"] = torch.tensor(0)
+    return sample
+
+
+def _hf(name: str, seq_len: int | None) -> ModelSpec:
+    try:
+        import transformers as hf
+    except ImportError as error:
+        raise ValueError(
+            f"model {name!r} needs Hugging Face transformers: pip install 'batchfit[hf]'"
+        ) from error
+    family = HF_FAMILIES[name]
+    config = getattr(hf, family["config"])(**family.get("kwargs", {}))
+    model = getattr(hf, family["model"])(config)
+    seq = seq_len or family["seq_len"]
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_pos and seq > max_pos:
+        raise ValueError(f"--seq-len {seq} is longer than {name}'s {max_pos} positions")
+    sample = _token_sample(config.vocab_size, seq, family["labels"])
+    if family["labels"] == "seq2seq":
+        sample["labels"] = sample["input_ids"].clone()
+    return ModelSpec(model, sample, None, f"{name} ({family['model']}, random weights, seq {seq})")
+
+
+HF_FAMILIES: dict[str, dict[str, Any]] = {
+    "bert-base": {"config": "BertConfig", "model": "BertForSequenceClassification",
+                  "labels": "class", "seq_len": 512},
+    "gpt2": {"config": "GPT2Config", "model": "GPT2LMHeadModel", "labels": "lm", "seq_len": 1024},
+    "gpt2-medium": {"config": "GPT2Config", "model": "GPT2LMHeadModel", "labels": "lm", "seq_len": 1024,
+                    "kwargs": {"n_embd": 1024, "n_layer": 24, "n_head": 16}},
+    "t5-small": {"config": "T5Config", "model": "T5ForConditionalGeneration", "labels": "seq2seq",
+                 "seq_len": 512},
+    # Llama 3.2 1B's published shape.
+    "llama-1b": {"config": "LlamaConfig", "model": "LlamaForCausalLM", "labels": "lm", "seq_len": 2048,
+                 "kwargs": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                            "max_position_embeddings": 131072, "tie_word_embeddings": True}},
+}
+
+
+def torchvision_names() -> list[str]:
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def list_models() -> list[str]:
+    """Every name `build` accepts (timm: and file.py: forms aside)."""
+    return sorted(HF_FAMILIES) + torchvision_names()
+
+
+def _image_shape(input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    return tuple(input_shape) if input_shape else IMAGE_SHAPE
+
+
+def _from_file(reference: str, input_shape: tuple[int, ...] | None) -> ModelSpec:
+    path_text, _, factory_name = reference.rpartition(":")
+    path = Path(path_text)
+    if not path.is_file():
+        raise ValueError(f"model file {path_text!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"batchfit_user_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"model file {path_text!r} cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        raise ValueError(f"model file {path_text!r} failed to import: {type(error).__name__}: {error}") from error
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ValueError(f"model file {path_text!r} has no function {factory_name!r}")
+    made = factory()
+    if isinstance(made, tuple) and len(made) == 2:
+        model, sample = made
+    elif isinstance(made, nn.Module):
+        if not input_shape:
+            raise ValueError(f"{reference} returned a model only; give --input-shape, or return (model, sample)")
+        model, sample = made, torch.randn(*input_shape)
+    else:
+        raise ValueError(f"{reference} returned {type(made).__name__}; return a model or (model, sample)")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{reference} returned {type(model).__name__}, not a torch.nn.Module")
+    return ModelSpec(model, sample, None, reference)
+
+
+def build(name: str, *, input_shape: tuple[int, ...] | None = None, seq_len: int | None = None) -> ModelSpec:
+    """Build `name` offline with random weights; ValueError naming close matches when unknown."""
+    torch.manual_seed(0)
+    if name.endswith(".py") or ".py:" in name:
+        if ":" not in name:
+            raise ValueError(f"model file {name!r} needs a factory: path/to/file.py:factory")
+        return _from_file(name, input_shape)
+    if name in HF_FAMILIES:
+        return _hf(name, seq_len)
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as error:
+            raise ValueError(f"model {name!r} needs timm: pip install 'batchfit[timm]'") from error
+        try:
+            model = timm.create_model(name[5:], pretrained=False)
+        except RuntimeError as error:
+            raise ValueError(f"timm has no model {name[5:]!r}") from error
+        shape = _image_shape(input_shape or model.pretrained_cfg.get("input_size"))
+        return ModelSpec(model, torch.randn(*shape), _classification_loss, f"{name} (random weights)")
+    names = torchvision_names()
+    if name in names:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+        shape = _image_shape(input_shape)
+        return ModelSpec(
+            model, torch.randn(*shape), _classification_loss,
+            f"{name} (torchvision, random weights, input {'×'.join(map(str, shape))})",
+        )
+    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see batchfit probe --list-models"
+    raise ValueError(f"unknown model {name!r}{hint}")
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    # The probe's defaults: SGD as in Goyal et al.; AdamW/Adam at common transformer settings.
+    "sgd": functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, foreach=True),
+    "adamw": functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01, foreach=True),
+    "adam": functools.partial(torch.optim.Adam, lr=1e-3, foreach=True),
+}
