@@ -55,27 +55,54 @@ def _gpu(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by probe, estimate and check."""
     options = [
-        click.option("--model", "model_name", metavar="NAME",
-                     help="torchvision name, bert-base/gpt2/…, timm:NAME or path/file.py:factory."),
-        click.option("--input-shape", callback=_shape, metavar="C,H,W",
-                     help="One sample's shape (image models; default 3,224,224)."),
+        click.option(
+            "--model",
+            "model_name",
+            metavar="NAME",
+            help="torchvision name, bert-base/gpt2/…, timm:NAME or path/file.py:factory.",
+        ),
+        click.option(
+            "--input-shape",
+            callback=_shape,
+            metavar="C,H,W",
+            help="One sample's shape (image models; default 3,224,224).",
+        ),
         click.option("--seq-len", type=click.IntRange(min=1), help="Sequence length (transformers)."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-                     show_default=True),
-        click.option("--optimizer", type=click.Choice(["sgd", "adamw", "adam"]), default="sgd",
-                     show_default=True, help="SGD momentum 0.9; AdamW/Adam with foreach."),
-        click.option("--margin", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
-                     help="Fraction of usable memory kept free."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
+        click.option(
+            "--optimizer",
+            type=click.Choice(["sgd", "adamw", "adam"]),
+            default="sgd",
+            show_default=True,
+            help="SGD momentum 0.9; AdamW/Adam with foreach.",
+        ),
+        click.option(
+            "--margin",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=0.2,
+            show_default=True,
+            help="Fraction of usable memory kept free.",
+        ),
         click.option("--memory", callback=_size, metavar="SIZE", help="Plan for this capacity, e.g. 24GiB."),
         click.option("--gpu", callback=_gpu, metavar="NAME", help="Plan for a known card (batchfit gpus)."),
         click.option("--device", "device_name", metavar="DEV", help="cuda, cuda:1, or simulated."),
-        click.option("--base-lr", type=click.FloatRange(min=0, min_open=True),
-                     help="Learning rate known good at --base-batch-size."),
+        click.option(
+            "--base-lr",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Learning rate known good at --base-batch-size.",
+        ),
         click.option("--base-batch-size", type=click.IntRange(min=1)),
-        click.option("--lr-rule", type=click.Choice(["auto", "linear", "sqrt", "noise"]), default="auto",
-                     show_default=True),
-        click.option("--noise-scale", type=click.FloatRange(min=0, min_open=True),
-                     help="Gradient noise scale B_simple, if known."),
+        click.option(
+            "--lr-rule",
+            type=click.Choice(["auto", "linear", "sqrt", "noise"]),
+            default="auto",
+            show_default=True,
+        ),
+        click.option(
+            "--noise-scale",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Gradient noise scale B_simple, if known.",
+        ),
         click.option("--exact", is_flag=True, help="Also bisect to the exact limit."),
         click.option("--json", "json_path", metavar="PATH", help="Write the result as JSON ('-': stdout)."),
         click.option("--plot", "plot_path", metavar="PATH", help="Write a PNG of memory against batch size."),
@@ -169,8 +196,14 @@ def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -
     run.say(f"probing {run.spec.description} on {run.device.description}")
     try:
         result = find_batch_size(
-            run.spec.model, run.spec.sample, optimizer=run.optimizer, loss_fn=run.spec.loss_fn,
-            device=run.device, on_trial=run.on_trial, objective=objective, **run.options,
+            run.spec.model,
+            run.spec.sample,
+            optimizer=run.optimizer,
+            loss_fn=run.spec.loss_fn,
+            device=run.device,
+            on_trial=run.on_trial,
+            objective=objective,
+            **run.options,
         )
     except DoesNotFitError as error:
         click.echo(f"error: {error}", err=True)
@@ -210,8 +243,13 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @model_options
-@click.option("--objective", type=click.Choice(["memory", "throughput", "goodput"]), default="memory",
-              show_default=True, help="What the recommendation maximises.")
+@click.option(
+    "--objective",
+    type=click.Choice(["memory", "throughput", "goodput"]),
+    default="memory",
+    show_default=True,
+    help="What the recommendation maximises.",
+)
 @click.option("--list-models", is_flag=True, help="List the model names and exit.")
 def probe(objective: str, list_models: bool, **opts: Any) -> None:
     """Run real training steps on the GPU (simulated without one) and recommend a batch size."""
@@ -244,8 +282,15 @@ def check(batch_size: int, **opts: Any) -> None:
     run = Run(opts, simulate=False)
     options = {k: v for k, v in run.options.items() if k in ("margin", "precision")}
     try:
-        result = preflight(run.spec.model, run.spec.sample, batch_size, optimizer=run.optimizer,
-                           loss_fn=run.spec.loss_fn, device=run.device, **options)
+        result = preflight(
+            run.spec.model,
+            run.spec.sample,
+            batch_size,
+            optimizer=run.optimizer,
+            loss_fn=run.spec.loss_fn,
+            device=run.device,
+            **options,
+        )
         code = 0
     except DoesNotFitError as error:
         assert error.check is not None  # preflight always attaches its measurement
@@ -267,8 +312,20 @@ def gpus(as_json: bool) -> None:
     from batchfit.memory import format_size
 
     if as_json:
-        click.echo(json.dumps([{"name": g.name, "total_bytes": g.total_bytes, "usable_bytes": g.usable_bytes,
-                                "note": g.note} for g in GPUS.values()], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "name": g.name,
+                        "total_bytes": g.total_bytes,
+                        "usable_bytes": g.usable_bytes,
+                        "note": g.note,
+                    }
+                    for g in GPUS.values()
+                ],
+                indent=2,
+            )
+        )
         return
     click.echo(f"{'name':<11} {'driver total':>13} {'usable':>11}  note")
     for g in GPUS.values():
@@ -284,14 +341,20 @@ def gpus(as_json: bool) -> None:
 @click.option("--optimizer", help="Optimizer name (sgd, adamw, lamb, …): picks the auto rule.")
 @click.option("--noise-scale", type=click.FloatRange(min=0, min_open=True), help="Gradient noise scale φ.")
 @click.option("--json", "json_path", metavar="PATH", help="Write the answer as JSON ('-': stdout).")
-def lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str, optimizer: str | None,
-       noise_scale: float | None, json_path: str | None) -> None:
+def lr(
+    base_lr: float,
+    base_batch_size: int,
+    batch_size: int,
+    rule: str,
+    optimizer: str | None,
+    noise_scale: float | None,
+    json_path: str | None,
+) -> None:
     """Scale a learning rate from one batch size to another, with warmup advice."""
     from batchfit.lr import scale_lr
 
     try:
-        scaled = scale_lr(base_lr, base_batch_size, batch_size, rule=rule, optimizer=optimizer,
-                          noise_scale=noise_scale)
+        scaled = scale_lr(base_lr, base_batch_size, batch_size, rule=rule, optimizer=optimizer, noise_scale=noise_scale)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     _emit_json(scaled.to_dict(), json_path)

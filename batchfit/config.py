@@ -52,9 +52,7 @@ class ProbeConfig:
                 f"steps_per_trial={self.steps_per_trial!r} must be an integer >= 2: the first "
                 "step has no optimizer state and peaks low"
             )
-        if self.max_batch_size is not None and (
-            not isinstance(self.max_batch_size, int) or self.max_batch_size < 1
-        ):
+        if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
             raise ValueError(f"max_batch_size={self.max_batch_size!r} must be a positive integer")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding={self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
@@ -66,15 +64,11 @@ class ProbeConfig:
             isinstance(self.base_lr, (int, float)) and math.isfinite(self.base_lr) and self.base_lr > 0
         ):
             raise ValueError(f"base_lr={self.base_lr!r} must be a positive number")
-        if self.base_batch_size is not None and (
-            not isinstance(self.base_batch_size, int) or self.base_batch_size < 1
-        ):
+        if self.base_batch_size is not None and (not isinstance(self.base_batch_size, int) or self.base_batch_size < 1):
             raise ValueError(f"base_batch_size={self.base_batch_size!r} must be a positive integer")
         if self.lr_rule not in LR_RULES:
             raise ValueError(f"lr_rule={self.lr_rule!r} is not one of {', '.join(LR_RULES)}")
-        if self.noise_scale is not None and not (
-            isinstance(self.noise_scale, (int, float)) and self.noise_scale > 0
-        ):
+        if self.noise_scale is not None and not (isinstance(self.noise_scale, (int, float)) and self.noise_scale > 0):
             raise ValueError(f"noise_scale={self.noise_scale!r} must be a positive number")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")

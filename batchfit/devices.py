@@ -96,9 +96,7 @@ class CudaDevice(Device):
         self.torch_device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         free, total = torch.cuda.mem_get_info(self.torch_device)
         # Our own cached-but-unused blocks count as free for the probe.
-        cached = torch.cuda.memory_reserved(self.torch_device) - torch.cuda.memory_allocated(
-            self.torch_device
-        )
+        cached = torch.cuda.memory_reserved(self.torch_device) - torch.cuda.memory_allocated(self.torch_device)
         available = free + cached + torch.cuda.memory_allocated(self.torch_device)
         self.total = total
         self.cap = memory
@@ -106,8 +104,7 @@ class CudaDevice(Device):
         name = gpu_name(self.torch_device.index or 0)
         capped = f", capped at {format_size(memory)}" if memory else ""
         self.description = (
-            f"{name} ({self.torch_device}, {format_size(total)} total, "
-            f"{format_size(available)} usable{capped})"
+            f"{name} ({self.torch_device}, {format_size(total)} total, {format_size(available)} usable{capped})"
         )
 
     @contextlib.contextmanager

@@ -44,8 +44,7 @@ def parse_size(value: str | int | float) -> int:
     match = _SIZE_RE.match(str(value))
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(
-            f"memory size {value!r} is not understood; use a number with a unit such as "
-            "'24GiB', '40GB' or '512MiB'"
+            f"memory size {value!r} is not understood; use a number with a unit such as '24GiB', '40GB' or '512MiB'"
         )
     # Fraction keeps '4611686019GB' exact where a float would round it.
     try:

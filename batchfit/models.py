@@ -52,9 +52,7 @@ def _hf(name: str, seq_len: int | None) -> ModelSpec:
     try:
         import transformers as hf
     except ImportError as error:
-        raise ValueError(
-            f"model {name!r} needs Hugging Face transformers: pip install 'batchfit[hf]'"
-        ) from error
+        raise ValueError(f"model {name!r} needs Hugging Face transformers: pip install 'batchfit[hf]'") from error
     family = HF_FAMILIES[name]
     config = getattr(hf, family["config"])(**family.get("kwargs", {}))
     model = getattr(hf, family["model"])(config)
@@ -69,18 +67,43 @@ def _hf(name: str, seq_len: int | None) -> ModelSpec:
 
 
 HF_FAMILIES: dict[str, dict[str, Any]] = {
-    "bert-base": {"config": "BertConfig", "model": "BertForSequenceClassification",
-                  "labels": "class", "seq_len": 512},
+    "bert-base": {
+        "config": "BertConfig",
+        "model": "BertForSequenceClassification",
+        "labels": "class",
+        "seq_len": 512,
+    },
     "gpt2": {"config": "GPT2Config", "model": "GPT2LMHeadModel", "labels": "lm", "seq_len": 1024},
-    "gpt2-medium": {"config": "GPT2Config", "model": "GPT2LMHeadModel", "labels": "lm", "seq_len": 1024,
-                    "kwargs": {"n_embd": 1024, "n_layer": 24, "n_head": 16}},
-    "t5-small": {"config": "T5Config", "model": "T5ForConditionalGeneration", "labels": "seq2seq",
-                 "seq_len": 512},
+    "gpt2-medium": {
+        "config": "GPT2Config",
+        "model": "GPT2LMHeadModel",
+        "labels": "lm",
+        "seq_len": 1024,
+        "kwargs": {"n_embd": 1024, "n_layer": 24, "n_head": 16},
+    },
+    "t5-small": {
+        "config": "T5Config",
+        "model": "T5ForConditionalGeneration",
+        "labels": "seq2seq",
+        "seq_len": 512,
+    },
     # Llama 3.2 1B's published shape.
-    "llama-1b": {"config": "LlamaConfig", "model": "LlamaForCausalLM", "labels": "lm", "seq_len": 2048,
-                 "kwargs": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                            "max_position_embeddings": 131072, "tie_word_embeddings": True}},
+    "llama-1b": {
+        "config": "LlamaConfig",
+        "model": "LlamaForCausalLM",
+        "labels": "lm",
+        "seq_len": 2048,
+        "kwargs": {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "max_position_embeddings": 131072,
+            "tie_word_embeddings": True,
+        },
+    },
 }
 
 
@@ -158,7 +181,9 @@ def build(name: str, *, input_shape: tuple[int, ...] | None = None, seq_len: int
         model = torchvision.models.get_model(name, weights=None)
         shape = _image_shape(input_shape)
         return ModelSpec(
-            model, torch.randn(*shape), _classification_loss,
+            model,
+            torch.randn(*shape),
+            _classification_loss,
             f"{name} (torchvision, random weights, input {'×'.join(map(str, shape))})",
         )
     close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)

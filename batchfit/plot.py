@@ -21,19 +21,31 @@ def plot_result(result: Result, path: str, title: str = "") -> None:
     top = max([t.batch_size for t in result.trials] + [result.predicted_limit or 0])
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.scatter([t.batch_size for t in fitted], [t.peak_reserved / GIB for t in fitted], label="peak reserved")
-    ax.scatter([t.batch_size for t in fitted], [t.peak_allocated / GIB for t in fitted], marker="x",
-               label="peak allocated")
+    ax.scatter(
+        [t.batch_size for t in fitted],
+        [t.peak_allocated / GIB for t in fitted],
+        marker="x",
+        label="peak allocated",
+    )
     for t in failed:
         ax.axvline(t.batch_size, color="red", alpha=0.3, linestyle=":")
     if failed:
         ax.plot([], [], color="red", alpha=0.3, linestyle=":", label="out of memory")
     if result.per_sample_bytes is not None and result.fixed_bytes is not None:
         xs = [0, top * 1.1]
-        ax.plot(xs, [(result.fixed_bytes + result.per_sample_bytes * x) / GIB for x in xs], color="gray",
-                label="fitted line")
+        ax.plot(
+            xs,
+            [(result.fixed_bytes + result.per_sample_bytes * x) / GIB for x in xs],
+            color="gray",
+            label="fitted line",
+        )
     ax.axhline(result.capacity_bytes / GIB, color="black", label="capacity")
-    ax.axhline((1 - result.margin) * result.capacity_bytes / GIB, color="orange", linestyle="--",
-               label=f"budget ({1 - result.margin:.0%})")
+    ax.axhline(
+        (1 - result.margin) * result.capacity_bytes / GIB,
+        color="orange",
+        linestyle="--",
+        label=f"budget ({1 - result.margin:.0%})",
+    )
     ax.axvline(result.recommended_batch_size, color="green", label=f"recommended {result.recommended_batch_size}")
     ax.set_xlabel("batch size")
     ax.set_ylabel("GiB")
@@ -41,7 +53,7 @@ def plot_result(result: Result, path: str, title: str = "") -> None:
     rates = [(t.batch_size, t.samples_per_s) for t in fitted if t.samples_per_s]
     if rates:
         twin = ax.twinx()
-        twin.plot(*zip(*sorted(rates)), color="purple", marker="o", alpha=0.6, label="samples/s")
+        twin.plot(*zip(*sorted(rates), strict=False), color="purple", marker="o", alpha=0.6, label="samples/s")
         twin.set_ylabel("samples/s")
         twin.legend(loc="lower right")
     ax.legend(loc="upper left", fontsize="small")

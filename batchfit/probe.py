@@ -58,9 +58,7 @@ def resolve_device(device: Device | str | None, memory: int | None) -> Device:
         return CudaDevice(index, memory)
     if device in ("simulated", "cpu"):
         if memory is None:
-            raise ValueError(
-                f"device={device!r} needs a capacity: pass memory='24GiB' (no CUDA GPU to measure)"
-            )
+            raise ValueError(f"device={device!r} needs a capacity: pass memory='24GiB' (no CUDA GPU to measure)")
         return SimulatedDevice(memory, compute="fake" if device == "simulated" else "real")
     raise ValueError(f"device={device!r} is not 'cuda', 'cuda:N', 'simulated' or 'cpu'")
 
@@ -169,15 +167,11 @@ def find_batch_size(
     return _result(outcome, dev, config, optimizer, devices.timer() - timer_start)
 
 
-def _result(
-    outcome: SearchOutcome, dev: Device, config: ProbeConfig, optimizer: Any, elapsed: float
-) -> Result:
+def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, optimizer: Any, elapsed: float) -> Result:
     budget = (1 - config.margin) * dev.capacity
     within = [t for t in outcome.trials if t.ok and t.peak_reserved <= budget]
     knee = throughput_knee(within) if dev.real_timing else None
-    goodput = (
-        goodput_batch_size(within, config.noise_scale) if dev.real_timing and config.noise_scale else None
-    )
+    goodput = goodput_batch_size(within, config.noise_scale) if dev.real_timing and config.noise_scale else None
     recommended = outcome.recommended
     notes = []
     if config.objective == "throughput" and knee is not None:

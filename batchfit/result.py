@@ -85,8 +85,7 @@ class Result:
     def __str__(self) -> str:
         lines = [f"device: {self.device}" + (" — an estimate" if self.is_estimate else "")]
         lines.append(
-            f"{'batch':>7} {'status':>7} {'peak alloc':>11} {'peak reserved':>14} "
-            f"{'s/step':>8} {'samples/s':>10}"
+            f"{'batch':>7} {'status':>7} {'peak alloc':>11} {'peak reserved':>14} {'s/step':>8} {'samples/s':>10}"
         )
         for t in self.trials:
             sps = f"{t.samples_per_s:10.1f}" if t.samples_per_s else f"{'-':>10}"

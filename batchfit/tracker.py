@@ -56,8 +56,9 @@ class MemoryTracker(TorchDispatchMode):
         reserve = reserved_size(storage.nbytes())
         if self.reserved + reserve > self.capacity:
             raise torch.OutOfMemoryError(
-                f"CUDA out of memory (simulated): tried to allocate {alloc} bytes with "
-                f"{self.reserved} of {self.capacity} bytes reserved"
+                # Worded as CUDA's own message, so other tools' OOM checks recognise it too.
+                f"CUDA out of memory. Tried to allocate {alloc} bytes with {self.reserved} of "
+                f"{self.capacity} bytes reserved (simulated device)"
             )
         self._live[key] = (alloc, reserve)
         self.allocated += alloc

@@ -50,9 +50,7 @@ def optimizer_factory(optimizer: Any) -> OptimizerFactory:
         return lambda params: cls(params, **defaults)
     if callable(optimizer):
         return optimizer
-    raise ValueError(
-        f"optimizer={optimizer!r} is neither a torch.optim.Optimizer nor a factory params -> optimizer"
-    )
+    raise ValueError(f"optimizer={optimizer!r} is neither a torch.optim.Optimizer nor a factory params -> optimizer")
 
 
 def default_loss(output: Any, batch: Any) -> torch.Tensor:
@@ -67,8 +65,7 @@ def default_loss(output: Any, batch: Any) -> torch.Tensor:
     tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not tensors:
         raise TypeError(
-            f"the model returned {type(output).__name__} with no floating-point tensor; "
-            "pass loss_fn(output, batch)"
+            f"the model returned {type(output).__name__} with no floating-point tensor; pass loss_fn(output, batch)"
         )
     return tensors[0].float().mean()
 
@@ -113,9 +110,7 @@ class Workload:
             return device.put(_as_tree(self.sample(batch_size)))
         one = device.put(_as_tree(self.sample))
         return tree_map(
-            lambda t: (
-                t.unsqueeze(0).expand(batch_size, *t.shape).contiguous() if isinstance(t, torch.Tensor) else t
-            ),
+            lambda t: t.unsqueeze(0).expand(batch_size, *t.shape).contiguous() if isinstance(t, torch.Tensor) else t,
             one,
         )
 
@@ -186,8 +181,7 @@ def _user_error(error: Exception, batch_size: int) -> TrialError:
     error.add_note("".join(traceback.format_tb(error.__traceback__)).rstrip())
     release(error)
     wrapped = TrialError(
-        f"batch_size={batch_size} failed with {type(error).__name__}: {first_line} "
-        "(not an out-of-memory error)"
+        f"batch_size={batch_size} failed with {type(error).__name__}: {first_line} (not an out-of-memory error)"
     )
     wrapped.__cause__ = error
     return wrapped

@@ -35,14 +35,18 @@ def main() -> None:
     assert result is not None
     print(result)
     print()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    print(f"| model | device | trials | OOM trials | recommended | predicted limit | median s | runs |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
+    print("| model | device | trials | OOM trials | recommended | predicted limit | median s | runs |")
+    print("|---|---|---|---|---|---|---|---|")
     ooms = sum(not t.ok for t in result.trials)
-    print(f"| resnet50 fp32 SGD | simulated {args.memory} | {len(result.trials)} | {ooms} | "
-          f"{result.recommended_batch_size} | {result.predicted_limit} | "
-          f"{statistics.median(times):.1f} | {args.repeats} |")
+    print(
+        f"| resnet50 fp32 SGD | simulated {args.memory} | {len(result.trials)} | {ooms} | "
+        f"{result.recommended_batch_size} | {result.predicted_limit} | "
+        f"{statistics.median(times):.1f} | {args.repeats} |"
+    )
 
 
 if __name__ == "__main__":

@@ -55,14 +55,25 @@ def test_every_help(command):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys\nfrom batchfit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
-           "assert 'torch' not in sys.modules, 'torch was imported'"
+    code = (
+        "import sys\nfrom batchfit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def test_estimate_prints_the_answer(tiny):
-    result = invoke("estimate", "--model", f"{tiny}:tiny", "--memory", "64MiB", "--base-lr", "0.1",
-                    "--base-batch-size", "256")
+    result = invoke(
+        "estimate",
+        "--model",
+        f"{tiny}:tiny",
+        "--memory",
+        "64MiB",
+        "--base-lr",
+        "0.1",
+        "--base-batch-size",
+        "256",
+    )
     assert result.exit_code == 0, result.output
     assert "recommended batch size" in result.output
     assert "learning rate" in result.output
@@ -73,9 +84,21 @@ def test_json_to_stdout_has_the_result_keys(tiny):
     result = invoke("estimate", "--model", f"{tiny}:tiny", "--gpu", "T4", "--json", "-")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
-    for key in ["recommended_batch_size", "learning_rate", "largest_batch_ran", "predicted_limit",
-                "per_sample_bytes", "fixed_bytes", "capacity_bytes", "margin", "device", "trials",
-                "elapsed_s", "throughput_knee", "lr_advice"]:
+    for key in [
+        "recommended_batch_size",
+        "learning_rate",
+        "largest_batch_ran",
+        "predicted_limit",
+        "per_sample_bytes",
+        "fixed_bytes",
+        "capacity_bytes",
+        "margin",
+        "device",
+        "trials",
+        "elapsed_s",
+        "throughput_knee",
+        "lr_advice",
+    ]:
         assert key in data, key
     assert data["capacity_bytes"] == 15360 * 2**20 - int(0.8 * 2**30)
 
@@ -115,8 +138,10 @@ def test_probe_list_models():
         (["estimate", "--model", "resnet18"], "needs --gpu NAME or --memory"),
         (["probe"], "--model is required"),
         (["check", "--model", "resnet18", "--memory", "1GiB", "--batch-size", "0"], "--batch-size"),
-        (["lr", "--base-lr", "0.1", "--base-batch-size", "256", "--batch-size", "512", "--rule", "noise"],
-         "needs noise_scale"),
+        (
+            ["lr", "--base-lr", "0.1", "--base-batch-size", "256", "--batch-size", "512", "--rule", "noise"],
+            "needs noise_scale",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle, tiny):
@@ -164,18 +189,35 @@ def test_estimate_a_zoo_model():
 
 def test_estimate_a_transformer():
     pytest.importorskip("transformers")
-    result = invoke("estimate", "--model", "gpt2", "--seq-len", "64", "--precision", "bf16", "--optimizer",
-                    "adamw", "--gpu", "T4", "--json", "-")
+    result = invoke(
+        "estimate",
+        "--model",
+        "gpt2",
+        "--seq-len",
+        "64",
+        "--precision",
+        "bf16",
+        "--optimizer",
+        "adamw",
+        "--gpu",
+        "T4",
+        "--json",
+        "-",
+    )
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["recommended_batch_size"] >= 1 and "gpt2" in data["model"]
 
 
 def test_installed_console_script(tmp_path):
-    result = subprocess.run(["batchfit", "lr", "--base-lr", "0.1", "--base-batch-size", "256", "--batch-size",
-                             "512"], capture_output=True, text=True)
+    result = subprocess.run(
+        ["batchfit", "lr", "--base-lr", "0.1", "--base-batch-size", "256", "--batch-size", "512"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "0.2" in result.stdout
-    bad = subprocess.run(["batchfit", "estimate", "--model", "resnet18", "--memory", "x"], capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        ["batchfit", "estimate", "--model", "resnet18", "--memory", "x"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -40,8 +40,12 @@ def test_noise_rule_is_linear_when_small_and_flat_when_large():
     assert adascale_gain(100, 32, 10**7) == pytest.approx(1 + 100 / 32, rel=1e-3)
 
 
-@given(base=st.floats(min_value=1e-6, max_value=10), b0=st.integers(1, 10**5), b=st.integers(1, 10**5),
-       phi=st.floats(min_value=1, max_value=1e6))
+@given(
+    base=st.floats(min_value=1e-6, max_value=10),
+    b0=st.integers(1, 10**5),
+    b=st.integers(1, 10**5),
+    phi=st.floats(min_value=1, max_value=1e6),
+)
 def test_rules_are_ordered_and_monotone(base, b0, b, phi):
     lin = scale_lr(base, b0, b, rule="linear").learning_rate
     sq = scale_lr(base, b0, b, rule="sqrt").learning_rate

@@ -28,9 +28,7 @@ def test_parse_size_rejects_with_the_value_named(bad):
         parse_size(bad)
 
 
-@given(
-    st.integers(min_value=1, max_value=2**50), st.sampled_from(["B", "KiB", "MiB", "GiB", "KB", "MB", "GB"])
-)
+@given(st.integers(min_value=1, max_value=2**50), st.sampled_from(["B", "KiB", "MiB", "GiB", "KB", "MB", "GB"]))
 def test_parse_size_round_trips_integers(number, unit):
     factor = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "KB": 1000, "MB": 10**6, "GB": 10**9}[unit]
     assert parse_size(f"{number}{unit}") == number * factor

@@ -41,8 +41,9 @@ def test_least_squares_noise_scale_matches_closed_form():
         model.weight.copy_(torch.ones(1, d) / d**0.5)  # |δ|² = 1 with w* = 0
     expected = (d + 1) + d * sigma**2  # 101
     before = model.weight.detach().clone()
-    result = noise_scale(model, least_squares_batches(d, 1.0, sigma, 256, 150), nn.MSELoss(),
-                         small_batch_size=16, ema=0.99)
+    result = noise_scale(
+        model, least_squares_batches(d, 1.0, sigma, 256, 150), nn.MSELoss(), small_batch_size=16, ema=0.99
+    )
     assert result.b_simple == pytest.approx(expected, rel=0.2)
     low, high = result.interval
     assert low < result.b_simple < high

@@ -167,9 +167,7 @@ def test_bf16_uses_less_activation_memory():
 def test_adamw_state_costs_more_than_sgd():
     model = linear_stack(4, 256)
     sgd = find_batch_size(model, torch.randn(256), memory="64MiB")
-    adam = find_batch_size(
-        model, torch.randn(256), memory="64MiB", optimizer=torch.optim.AdamW(model.parameters())
-    )
+    adam = find_batch_size(model, torch.randn(256), memory="64MiB", optimizer=torch.optim.AdamW(model.parameters()))
     weights = 4 * 256 * 256 * 4
     assert adam.fixed_bytes - sgd.fixed_bytes == pytest.approx(weights, rel=0.05)  # exp_avg_sq on top
 
