@@ -28,7 +28,7 @@ def test_counts_once_per_storage_and_frees():
 
 def test_raises_a_real_oom_at_capacity():
     tracker = MemoryTracker(capacity=10_000)
-    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory. Tried to allocate"), tracker:
+    with pytest.raises(torch.OutOfMemoryError, match=r"CUDA out of memory\. Tried to allocate"), tracker:
         torch.empty(20_000, dtype=torch.uint8)
     gc.collect()
     assert tracker.allocated == 0
