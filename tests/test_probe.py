@@ -246,3 +246,24 @@ def test_preflight_passes_and_fails(cnn):
         batchfit.preflight(cnn, torch.randn(3, 16, 16), 4096, memory="64MiB")
     check = info.value.check
     assert not check.fits and 0 < check.largest_fitting < 4096
+
+
+def test_throughput_objective_picks_the_knee_on_real_timing():
+    model = linear_stack(2, 64)
+    result = find_batch_size(model, torch.randn(64), memory="32MiB", device="cpu", objective="throughput")
+    assert result.timing_is_real and result.throughput_knee is not None
+    assert result.recommended_batch_size == result.throughput_knee <= result.memory_batch_size
+    rates = {t.batch_size: t.samples_per_s for t in result.trials if t.samples_per_s}
+    assert rates[result.throughput_knee] >= 0.95 * max(rates.values())
+
+
+def test_objective_without_real_timing_keeps_the_memory_answer():
+    result = find_batch_size(linear_stack(2, 64), torch.randn(64), memory="32MiB", objective="throughput")
+    assert result.throughput_knee is None
+    assert result.recommended_batch_size == result.memory_batch_size
+    assert any("needs real step times" in n for n in result.notes)
+
+
+def test_goodput_needs_a_noise_scale():
+    with pytest.raises(ValueError, match="noise_scale"):
+        find_batch_size(linear_stack(1, 8), torch.randn(8), memory="1GiB", objective="goodput")
