@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import itertools
 import json
 import platform
 import tempfile
@@ -175,7 +176,7 @@ def run_lightning(case: Case, mode: str) -> tuple[int, int, int]:
         answer = Tuner(trainer).scale_batch_size(
             module, mode=mode, steps_per_trial=STEPS_PER_TRIAL, max_trials=25, max_val=2**16
         )
-    oom = sum(1 for a, b in zip(calls, calls[1:], strict=False) if b < a)
+    oom = sum(1 for a, b in itertools.pairwise(calls) if b < a)
     return int(answer or 0), len(calls), oom
 
 
