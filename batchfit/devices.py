@@ -7,7 +7,6 @@ device to hold the model, build a batch and measure a trial; it never asks which
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import Iterator
@@ -74,7 +73,7 @@ class Device:
         """Wait for queued work so step times are real."""
 
     def empty_cache(self) -> None:
-        gc.collect()
+        """Hand cached blocks back, so the next trial's peak starts from what is really live."""
 
     def allocated(self) -> int:
         """Bytes allocated on the device right now."""
@@ -138,7 +137,6 @@ class CudaDevice(Device):
         torch.cuda.synchronize(self.torch_device)
 
     def empty_cache(self) -> None:
-        gc.collect()
         torch.cuda.empty_cache()
 
     def allocated(self) -> int:
@@ -209,6 +207,8 @@ class SimulatedDevice(Device):
                 return t
             if mode is not None and not mode.is_our_fake(t):
                 t = mode.from_tensor(t)
+            elif mode is None and not self.tracker.is_tracked(t):
+                t = t.clone()  # the copy `.to("cuda")` makes: it dies with the trial, the user's does not
             self.tracker.track(t)
             return t
 

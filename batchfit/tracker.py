@@ -44,6 +44,7 @@ class MemoryTracker(TorchDispatchMode):
         self.reserved = 0
         self.peak_allocated = 0
         self.peak_reserved = 0
+        self.num_ooms = 0  # as CUDA's memory_stats()["num_ooms"]
         self._live: dict[int, tuple[int, int]] = {}
 
     def track(self, tensor: torch.Tensor) -> None:
@@ -55,6 +56,7 @@ class MemoryTracker(TorchDispatchMode):
         alloc = allocated_size(storage.nbytes())
         reserve = reserved_size(storage.nbytes())
         if self.reserved + reserve > self.capacity:
+            self.num_ooms += 1
             raise torch.OutOfMemoryError(
                 # Worded as CUDA's own message, so other tools' OOM checks recognise it too.
                 f"CUDA out of memory. Tried to allocate {alloc} bytes with {self.reserved} of "
@@ -67,6 +69,9 @@ class MemoryTracker(TorchDispatchMode):
         self.peak_reserved = max(self.peak_reserved, self.reserved)
         weakref.finalize(storage, self._free, key)
 
+    def is_tracked(self, tensor: torch.Tensor) -> bool:
+        return id(tensor.untyped_storage()) in self._live
+
     def _free(self, key: int) -> None:
         alloc, reserve = self._live.pop(key, (0, 0))
         self.allocated -= alloc
@@ -77,9 +82,12 @@ class MemoryTracker(TorchDispatchMode):
         self.peak_reserved = self.reserved
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # Outputs that alias an input (views, in-place ops) allocate nothing; skipping them also
+        # keeps views of tensors made before tracking (a dataset in host memory) off the device.
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor):
+            if isinstance(item, torch.Tensor) and id(item.untyped_storage()) not in inputs:
                 self.track(item)
         return out
 

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import itertools
 import json
 import platform
 import tempfile
@@ -113,7 +112,7 @@ def run_doubling(case: Case) -> tuple[int, int, int]:
             try:
                 train(model, size, STEPS_PER_TRIAL, case.sample_shape)
             except torch.OutOfMemoryError:
-                return best, trials, 1
+                return best, trials, device.tracker.num_ooms
             finally:
                 gc.collect()
             best, size = size, size * 2
@@ -133,7 +132,7 @@ def run_accelerate(case: Case, start: int) -> tuple[int, int, int]:
 
     with enforced(device, model):
         answer = loop()
-    return answer, len(calls), len(calls) - 1
+    return answer, len(calls), device.tracker.num_ooms
 
 
 def run_lightning(case: Case, mode: str) -> tuple[int, int, int]:
@@ -151,14 +150,13 @@ def run_lightning(case: Case, mode: str) -> tuple[int, int, int]:
             self.batch_size = 2
 
         def training_step(self, batch: Any, index: int) -> torch.Tensor:
-            if index == 0:
-                calls.append(self.batch_size)
             return loss_fn(self.net(batch[0]), batch)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return make_optimizer(self.parameters())
 
         def train_dataloader(self) -> Any:
+            calls.append(self.batch_size)  # the tuner rebuilds the loader for every trial
             return torch.utils.data.DataLoader(data, batch_size=self.batch_size)
 
     module = Module()
@@ -176,8 +174,7 @@ def run_lightning(case: Case, mode: str) -> tuple[int, int, int]:
         answer = Tuner(trainer).scale_batch_size(
             module, mode=mode, steps_per_trial=STEPS_PER_TRIAL, max_trials=25, max_val=2**16
         )
-    oom = sum(1 for a, b in itertools.pairwise(calls) if b < a)
-    return int(answer or 0), len(calls), oom
+    return int(answer or 0), len(calls), device.tracker.num_ooms
 
 
 def survive(case: Case, batch_size: int, steps: int) -> tuple[bool, float]:

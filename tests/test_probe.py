@@ -267,3 +267,18 @@ def test_objective_without_real_timing_keeps_the_memory_answer():
 def test_goodput_needs_a_noise_scale():
     with pytest.raises(ValueError, match="noise_scale"):
         find_batch_size(linear_stack(1, 8), torch.randn(8), memory="1GiB", objective="goodput")
+
+
+@pytest.mark.parametrize("compute", ["fake", "real"])
+def test_each_trial_frees_its_memory_without_a_garbage_collection(compute):
+    """Trials skip gc.collect() (slow in big processes), so nothing may hang on in a cycle."""
+    from batchfit.config import ProbeConfig
+    from batchfit.probe import _held
+
+    dev = SimulatedDevice(64 * 2**20, compute=compute)
+    model = linear_stack(3, 128)
+    with _held(model, torch.randn(128), dev, torch.optim.AdamW(model.parameters()), None, ProbeConfig(), None) as p:
+        baseline = dev.tracker.allocated
+        for size in (4, 64, 100_000, 16):  # 100_000 runs out of memory
+            p.run(size)
+            assert dev.tracker.allocated == baseline, size

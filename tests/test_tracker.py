@@ -32,3 +32,14 @@ def test_raises_a_real_oom_at_capacity():
         torch.empty(20_000, dtype=torch.uint8)
     gc.collect()
     assert tracker.allocated == 0
+
+
+def test_views_of_untracked_tensors_are_not_allocations():
+    dataset = torch.zeros(10_000)  # made before tracking: host memory, not the device's
+    tracker = MemoryTracker(capacity=10_000)
+    with tracker:
+        row = dataset[5:10]
+        dataset.add_(1)
+        copy = row * 2
+    assert tracker.allocated == 512  # only the product is new
+    del row, copy
