@@ -41,6 +41,10 @@ class ProbeConfig:
     """Gradient noise scale B_simple, if known: enables the noise-aware rule and goodput."""
     objective: str = "memory"
     """What the recommendation maximises: 'memory' (largest safe), 'throughput', 'goodput'."""
+    target_global_batch: int | None = None
+    """Global batch to reach (per-device × ranks × accumulation); sets the accumulation steps."""
+    dist_timeout_s: float = 1800.0
+    """Under torch.distributed: how long ranks wait for each other to report (bounds a crashed rank)."""
     max_trials: int = 40
     """Hard stop for the search, so a pathological memory curve cannot loop for long."""
 
@@ -70,6 +74,12 @@ class ProbeConfig:
             raise ValueError(f"lr_rule={self.lr_rule!r} is not one of {', '.join(LR_RULES)}")
         if self.noise_scale is not None and not (isinstance(self.noise_scale, (int, float)) and self.noise_scale > 0):
             raise ValueError(f"noise_scale={self.noise_scale!r} must be a positive number")
+        if self.target_global_batch is not None and (
+            not isinstance(self.target_global_batch, int) or self.target_global_batch < 1
+        ):
+            raise ValueError(f"target_global_batch={self.target_global_batch!r} must be a positive integer")
+        if not (isinstance(self.dist_timeout_s, (int, float)) and self.dist_timeout_s > 0):
+            raise ValueError(f"dist_timeout_s={self.dist_timeout_s!r} must be a positive number of seconds")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if self.objective == "goodput" and self.noise_scale is None:

@@ -274,3 +274,12 @@ def set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+
+
+def select_cuda(index: int) -> None:
+    """Pin this process to one GPU (a rank under torchrun)."""
+    torch.cuda.set_device(index)
+
+
+def cuda_count() -> int:
+    return max(1, torch.cuda.device_count())

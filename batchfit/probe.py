@@ -10,16 +10,17 @@ import contextlib
 import gc
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
-from batchfit import devices
+from batchfit import devices, distributed
 from batchfit.config import ProbeConfig
 from batchfit.devices import CudaDevice, Device, SimulatedDevice
 from batchfit.lr import scale_lr
 from batchfit.memory import format_size
+from batchfit.plan import plan_global_batch
 from batchfit.result import Result, Trial
 from batchfit.search import SearchOutcome, search
 from batchfit.trial import (
@@ -143,9 +144,39 @@ def find_batch_size(
     """Find the largest batch that trains `model` within the memory budget, and its learning rate.
 
     `sample` is one example without a batch dimension (tensor, tuple/list or dict) or a
-    callable `batch_size -> batch`. Options are those of `ProbeConfig`.
+    callable `batch_size -> batch`. Options are those of `ProbeConfig`. Under
+    torch.distributed every rank probes its own device and all return the same answer.
     """
     config = config or ProbeConfig(**options)
+    group = distributed.setup(config.dist_timeout_s)
+    if group is None:
+        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial)
+        return _finish(local, config, optimizer, [])
+    rank = distributed.rank(group)
+    try:
+        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial)
+        report = distributed.RankReport(rank, local.recommended_batch_size, local.device, local.capacity_bytes)
+        failure: Exception | None = None
+    except Exception as error:  # every rank must join the agreement, failed or not
+        report = distributed.RankReport(rank, None, "", 0, f"{type(error).__name__}: {error}")
+        failure = error
+    try:
+        reports = distributed.agree(group, report)
+    except distributed.DistributedProbeError as error:
+        raise error from failure
+    return _finish(local, config, optimizer, reports)
+
+
+def _probe_here(
+    model: nn.Module,
+    sample: Any,
+    optimizer: Any,
+    loss_fn: Any,
+    device: Device | str | None,
+    config: ProbeConfig,
+    on_trial: Callable[[Trial], None] | None,
+) -> Result:
+    """The probe on this process's device, before any agreement between ranks."""
     dev = resolve_device(device, config.capacity_bytes)
     timer_start = devices.timer()
     with _held(model, sample, dev, optimizer, loss_fn, config, on_trial) as probe:
@@ -166,10 +197,44 @@ def find_batch_size(
             f"on {dev.description}: batch_size={first.batch_size} "
             + ("ran out of memory" if not first.ok else f"peaked at {format_size(first.peak_reserved)}")
         )
-    return _result(outcome, dev, config, optimizer, devices.timer() - timer_start)
+    return _result(outcome, dev, config, devices.timer() - timer_start)
 
 
-def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, optimizer: Any, elapsed: float) -> Result:
+def _finish(local: Result, config: ProbeConfig, optimizer: Any, reports: list[Any]) -> Result:
+    """Agree across ranks (the smallest card decides), plan the global batch, scale the rate on it."""
+    per_device = min([local.recommended_batch_size] + [r.recommended for r in reports])
+    plan = plan_global_batch(per_device, max(1, len(reports)), config.target_global_batch)
+    notes = list(local.notes)
+    if plan.per_device < local.recommended_batch_size:
+        notes.append(
+            f"per-device batch {plan.per_device} is below this device's verified "
+            f"{local.recommended_batch_size} (another rank's card or the global target decided); "
+            "memory only falls with the batch"
+        )
+    lr = None
+    if config.base_lr is not None:
+        lr = scale_lr(
+            config.base_lr,
+            config.base_batch_size or plan.global_batch,
+            plan.global_batch,
+            rule=config.lr_rule,
+            optimizer=optimizer if optimizer is not None else "sgd",
+            noise_scale=config.noise_scale,
+        )
+    return replace(
+        local,
+        recommended_batch_size=plan.per_device,
+        world_size=plan.world_size,
+        gradient_accumulation_steps=plan.accumulation,
+        global_batch_size=plan.global_batch,
+        ranks=[r.to_dict() for r in reports],
+        learning_rate=lr.learning_rate if lr else None,
+        lr_advice=lr.to_dict() if lr else None,
+        notes=notes,
+    )
+
+
+def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elapsed: float) -> Result:
     budget = (1 - config.margin) * dev.capacity
     within = [t for t in outcome.trials if t.ok and t.peak_reserved <= budget]
     knee = throughput_knee(within) if dev.real_timing else None
@@ -187,16 +252,6 @@ def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, optimizer:
         )
     if dev.is_estimate:
         notes.append("simulated device: memory is an estimate; cuDNN/cuBLAS workspaces are not seen")
-    lr = None
-    if config.base_lr is not None:
-        lr = scale_lr(
-            config.base_lr,
-            config.base_batch_size or recommended,
-            recommended,
-            rule=config.lr_rule,
-            optimizer=optimizer if optimizer is not None else "sgd",
-            noise_scale=config.noise_scale,
-        )
     line, line_alloc = outcome.line, outcome.line_allocated
     return Result(
         recommended_batch_size=recommended,
@@ -212,8 +267,6 @@ def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, optimizer:
         is_estimate=dev.is_estimate,
         trials=outcome.trials,
         elapsed_s=elapsed,
-        learning_rate=lr.learning_rate if lr else None,
-        lr_advice=lr.to_dict() if lr else None,
         exact_limit=outcome.exact_limit,
         throughput_knee=knee,
         goodput_batch_size=goodput,
@@ -306,7 +359,7 @@ def preflight(
     device: Device | str | None = None,
     **options: Any,
 ) -> CheckResult:
-    """Check that `batch_size` trains within the budget; raise DoesNotFitError if not.
+    """Check that `batch_size` trains within the budget on this device; raise DoesNotFitError if not.
 
     One real trial decides. When it fails, a probe finds the largest size that fits, so the
     error says what to use instead.
@@ -331,16 +384,9 @@ def preflight(
     if fits:
         return check
     try:
-        found = find_batch_size(
-            model,
-            sample,
-            optimizer=optimizer,
-            loss_fn=loss_fn,
-            device=dev,
-            config=ProbeConfig(**{**options, "rounding": "none", "max_batch_size": batch_size - 1})
-            if batch_size > 1
-            else config,
-        )
+        narrower = ProbeConfig(**{**options, "rounding": "none", "max_batch_size": batch_size - 1})
+        # This rank's own answer: a pre-flight check is per device, with no agreement between ranks.
+        found = _probe_here(model, sample, optimizer, loss_fn, dev, narrower if batch_size > 1 else config, None)
         largest = found.recommended_batch_size
     except DoesNotFitError:
         largest = 0

@@ -66,6 +66,10 @@ class Result:
     memory_batch_size: int | None = None
     objective: str = "memory"
     timing_is_real: bool = True
+    world_size: int = 1
+    gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None
+    ranks: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -80,6 +84,7 @@ class Result:
         data = asdict(self)
         data["trials"] = [t.to_dict() for t in self.trials]
         data["headroom_bytes"] = self.headroom_bytes
+        data["per_device_batch_size"] = self.recommended_batch_size
         return data
 
     def __str__(self) -> str:
@@ -99,8 +104,14 @@ class Result:
             f"recommended batch size: {self.recommended_batch_size}"
             + (f" (objective: {self.objective})" if self.objective != "memory" else "")
         )
+        if self.world_size > 1 or self.gradient_accumulation_steps > 1:
+            lines.append(
+                f"global batch:           {self.global_batch_size} = {self.recommended_batch_size} per device"
+                f" × {self.world_size} ranks × {self.gradient_accumulation_steps} accumulation steps"
+            )
         if self.learning_rate is not None:
-            lines.append(f"learning rate:          {self.learning_rate:.6g}")
+            on = f" (for global batch {self.global_batch_size})" if self.world_size > 1 else ""
+            lines.append(f"learning rate:          {self.learning_rate:.6g}{on}")
         lines.append(f"largest batch that ran: {self.largest_batch_ran}")
         if self.predicted_limit is not None:
             lines.append(f"predicted limit:        {self.predicted_limit}")
