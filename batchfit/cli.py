@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -104,6 +105,11 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Gradient noise scale B_simple, if known.",
         ),
         click.option("--exact", is_flag=True, help="Also bisect to the exact limit."),
+        click.option(
+            "--target-global-batch",
+            type=click.IntRange(min=1),
+            help="Global batch to reach with gradient accumulation (per device × ranks × steps).",
+        ),
         click.option("--json", "json_path", metavar="PATH", help="Write the result as JSON ('-': stdout)."),
         click.option("--plot", "plot_path", metavar="PATH", help="Write a PNG of memory against batch size."),
         click.option("--quiet", "-q", is_flag=True, help="Print only the answer."),
@@ -126,7 +132,9 @@ class Run:
             raise click.UsageError("give --memory or --gpu, not both")
         if opts["base_batch_size"] and not opts["base_lr"]:
             raise click.UsageError("--base-batch-size goes with --base-lr")
-        self.quiet = opts["quiet"]
+        # Under torchrun every rank probes, and rank 0 speaks for all of them.
+        self.main_rank = os.environ.get("RANK", "0") == "0"
+        self.quiet = opts["quiet"] or not self.main_rank
         try:
             self.spec = build(opts["model_name"], input_shape=opts["input_shape"], seq_len=opts["seq_len"])
         except ValueError as error:
@@ -138,12 +146,12 @@ class Run:
         if wanted and wanted != "simulated" and not wanted.startswith("cuda"):
             raise click.BadParameter(f"{wanted!r} is not cuda, cuda:N or simulated", param_hint="--device")
         use_cuda = not simulate and wanted != "simulated" and (wanted or devices.cuda_available())
+        if use_cuda and not devices.cuda_available():
+            raise click.BadParameter(f"{wanted!r} was asked for, but torch sees no CUDA GPU", param_hint="--device")
         if use_cuda:
-            index = int(wanted.split(":", 1)[1]) if wanted and ":" in wanted else None
-            try:
-                self.device: Any = devices.CudaDevice(index, capacity)
-            except ValueError as error:
-                raise click.BadParameter(str(error), param_hint="--device") from None
+            # Resolved inside the probe, after torch.distributed has pinned this rank's GPU.
+            self.device: Any = wanted or "cuda"
+            self.where = self.device + (f", capped at {capacity / 1024**3:.1f} GiB" if capacity else "")
         else:
             if capacity is None:
                 capacity = devices.host_available_memory()
@@ -153,14 +161,18 @@ class Run:
                     f"({capacity / 1024**3:.1f} GiB); use --gpu NAME or --memory SIZE to plan for a GPU"
                 )
             self.device = devices.SimulatedDevice(capacity, name=label)
+            self.where = self.device.description
+            capacity = None  # the simulated device carries it
         self.options = {
             "margin": opts["margin"],
+            "memory": capacity,
             "precision": None if opts["precision"] == "fp32" else opts["precision"],
             "base_lr": opts["base_lr"],
             "base_batch_size": opts["base_batch_size"],
             "lr_rule": opts["lr_rule"],
             "noise_scale": opts["noise_scale"],
             "exact": opts["exact"],
+            "target_global_batch": opts["target_global_batch"],
         }
 
     def say(self, text: str) -> None:
@@ -193,7 +205,7 @@ def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -
     from batchfit.trial import TrialError
 
     run = Run(opts, simulate=simulate)
-    run.say(f"probing {run.spec.description} on {run.device.description}")
+    run.say(f"probing {run.spec.description} on {run.where}")
     try:
         result = find_batch_size(
             run.spec.model,
@@ -213,6 +225,8 @@ def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -
         sys.exit(EXIT_MODEL_ERROR)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+    if not run.main_rank:
+        return
     data = {"model": run.spec.description, **result.to_dict()}
     if opts["plot_path"]:
         from batchfit.plot import plot_result
@@ -280,7 +294,7 @@ def check(batch_size: int, **opts: Any) -> None:
     from batchfit.trial import TrialError
 
     run = Run(opts, simulate=False)
-    options = {k: v for k, v in run.options.items() if k in ("margin", "precision")}
+    options = {k: v for k, v in run.options.items() if k in ("margin", "precision", "memory")}
     try:
         result = preflight(
             run.spec.model,

@@ -27,7 +27,12 @@ def main() -> int:
     device = batchfit.SimulatedDevice(capacities[rank] * 2**20)
     try:
         result = batchfit.find_batch_size(
-            model, torch.randn(256), device=device, dist_timeout_s=60, base_lr=0.1, base_batch_size=256,
+            model,
+            torch.randn(256),
+            device=device,
+            dist_timeout_s=60,
+            base_lr=0.1,
+            base_batch_size=256,
             target_global_batch=int(os.environ.get("TARGET", "0")) or None,
         )
     except Exception as error:
@@ -38,9 +43,18 @@ def main() -> int:
             torch.distributed.destroy_process_group()
     assert result.world_size == int(os.environ["WORLD_SIZE"])
     local = min(r["recommended"] for r in result.ranks if r["rank"] == rank)
-    print(json.dumps({"rank": rank, "per_device": result.recommended_batch_size, "local": local,
-                      "global": result.global_batch_size, "accumulation": result.gradient_accumulation_steps,
-                      "lr": result.learning_rate}))
+    print(
+        json.dumps(
+            {
+                "rank": rank,
+                "per_device": result.recommended_batch_size,
+                "local": local,
+                "global": result.global_batch_size,
+                "accumulation": result.gradient_accumulation_steps,
+                "lr": result.learning_rate,
+            }
+        )
+    )
     return 0
 
 

@@ -221,3 +221,26 @@ def test_installed_console_script(tmp_path):
         ["batchfit", "estimate", "--model", "resnet18", "--memory", "x"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_target_global_batch_sets_accumulation(tiny):
+    result = invoke(
+        "estimate",
+        "--model",
+        f"{tiny}:tiny",
+        "--memory",
+        "64MiB",
+        "--target-global-batch",
+        "1000000",
+        "--base-lr",
+        "0.1",
+        "--base-batch-size",
+        "256",
+        "--json",
+        "-",
+    )
+    data = json.loads(result.stdout)
+    assert data["global_batch_size"] == 1000000
+    assert data["per_device_batch_size"] * data["gradient_accumulation_steps"] == 1000000
+    assert data["learning_rate"] == pytest.approx(0.1 * 1000000 / 256)
+    assert any("LARS" in a for a in data["lr_advice"]["advice"])

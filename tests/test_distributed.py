@@ -31,12 +31,24 @@ def launch(capacities_mib: list[int], fail_rank: int = -1, target: int = 0, time
     procs = []
     start = time.monotonic()
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TARGET": str(target)}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), ",".join(map(str, capacities_mib)), str(fail_rank)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "TARGET": str(target),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), ",".join(map(str, capacities_mib)), str(fail_rank)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = []
     for proc in procs:
         out, err = proc.communicate(timeout=timeout)
