@@ -1,0 +1,2 @@
+"""Integrations with training frameworks, each imported only when its package is installed:
+`batchfit.integrations.lightning` and `batchfit.integrations.hf`."""
