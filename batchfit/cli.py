@@ -135,10 +135,6 @@ class Run:
         # Under torchrun every rank probes, and rank 0 speaks for all of them.
         self.main_rank = os.environ.get("RANK", "0") == "0"
         self.quiet = opts["quiet"] or not self.main_rank
-        try:
-            self.spec = build(opts["model_name"], input_shape=opts["input_shape"], seq_len=opts["seq_len"])
-        except ValueError as error:
-            raise click.BadParameter(str(error), param_hint="--model") from None
         self.optimizer = OPTIMIZERS[opts["optimizer"]]
         capacity = opts["memory"] or (opts["gpu"].usable_bytes if opts["gpu"] else None)
         label = opts["gpu"].name if opts["gpu"] else None
@@ -163,6 +159,13 @@ class Run:
             self.device = devices.SimulatedDevice(capacity, name=label)
             self.where = self.device.description
             capacity = None  # the simulated device carries it
+        try:
+            # The simulated device reads only shapes: build its models on the meta device.
+            self.spec = build(
+                opts["model_name"], input_shape=opts["input_shape"], seq_len=opts["seq_len"], on_meta=not use_cuda
+            )
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--model") from None
         self.options = {
             "margin": opts["margin"],
             "memory": capacity,

@@ -44,6 +44,8 @@ class Device:
     capacity: int = 0
     is_estimate: bool = False
     real_timing: bool = True
+    trains_in_place: bool = True
+    """Whether trials step the user's own tensors (so the probe must copy them to restore)."""
     torch_device: torch.device = torch.device("cpu")
 
     @property
@@ -159,6 +161,7 @@ class SimulatedDevice(Device):
         self.capacity = capacity
         self.compute = compute
         self.real_timing = compute == "real"
+        self.trains_in_place = compute == "real"
         self.torch_device = torch.device("cpu")
         self.tracker = MemoryTracker(capacity)
         self._fake_mode: Any = None
@@ -196,7 +199,10 @@ class SimulatedDevice(Device):
         yield named
 
     def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
-        fake = self._fake_mode.from_tensor(tensor.detach())
+        # Shape, strides and dtype are all a fake tensor needs; the values are never read, so
+        # a model built on the meta device (no memory, no init time) works as well as a real one.
+        with self._fake_mode:
+            fake = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="cpu")
         return fake.requires_grad_(tensor.requires_grad)
 
     def put(self, tree: Any) -> Any:

@@ -7,6 +7,7 @@ loss's memory (fp32 logits over the vocabulary) is part of what is measured.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib.util
@@ -48,14 +49,15 @@ def _token_sample(vocab: int, seq_len: int, labels: str) -> dict[str, torch.Tens
     return sample
 
 
-def _hf(name: str, seq_len: int | None) -> ModelSpec:
+def _hf(name: str, seq_len: int | None, place: Any = None) -> ModelSpec:
     try:
         import transformers as hf
     except ImportError as error:
         raise ValueError(f"model {name!r} needs Hugging Face transformers: pip install 'batchfit[hf]'") from error
     family = HF_FAMILIES[name]
     config = getattr(hf, family["config"])(**family.get("kwargs", {}))
-    model = getattr(hf, family["model"])(config)
+    with place or contextlib.nullcontext():
+        model = getattr(hf, family["model"])(config)
     seq = seq_len or family["seq_len"]
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if max_pos and seq > max_pos:
@@ -86,6 +88,7 @@ HF_FAMILIES: dict[str, dict[str, Any]] = {
         "model": "T5ForConditionalGeneration",
         "labels": "seq2seq",
         "seq_len": 512,
+        "kwargs": {"decoder_start_token_id": 0},  # T5 starts decoding from its pad token, id 0
     },
     # Llama 3.2 1B's published shape.
     "llama-1b": {
@@ -154,22 +157,30 @@ def _from_file(reference: str, input_shape: tuple[int, ...] | None) -> ModelSpec
     return ModelSpec(model, sample, None, reference)
 
 
-def build(name: str, *, input_shape: tuple[int, ...] | None = None, seq_len: int | None = None) -> ModelSpec:
-    """Build `name` offline with random weights; ValueError naming close matches when unknown."""
+def build(
+    name: str, *, input_shape: tuple[int, ...] | None = None, seq_len: int | None = None, on_meta: bool = False
+) -> ModelSpec:
+    """Build `name` offline with random weights; ValueError naming close matches when unknown.
+
+    `on_meta` builds zoo models without memory or initialisation (for the simulated device,
+    which reads only shapes): a 1B-parameter model then costs nothing to build.
+    """
     torch.manual_seed(0)
+    place = torch.device("meta") if on_meta else contextlib.nullcontext()
     if name.endswith(".py") or ".py:" in name:
         if ":" not in name:
             raise ValueError(f"model file {name!r} needs a factory: path/to/file.py:factory")
         return _from_file(name, input_shape)
     if name in HF_FAMILIES:
-        return _hf(name, seq_len)
+        return _hf(name, seq_len, place)
     if name.startswith("timm:"):
         try:
             import timm
         except ImportError as error:
             raise ValueError(f"model {name!r} needs timm: pip install 'batchfit[timm]'") from error
         try:
-            model = timm.create_model(name[5:], pretrained=False)
+            with place:
+                model = timm.create_model(name[5:], pretrained=False)
         except RuntimeError as error:
             raise ValueError(f"timm has no model {name[5:]!r}") from error
         shape = _image_shape(input_shape or model.pretrained_cfg.get("input_size"))
@@ -178,7 +189,8 @@ def build(name: str, *, input_shape: tuple[int, ...] | None = None, seq_len: int
     if name in names:
         import torchvision
 
-        model = torchvision.models.get_model(name, weights=None)
+        with place:
+            model = torchvision.models.get_model(name, weights=None)
         shape = _image_shape(input_shape)
         return ModelSpec(
             model,

@@ -115,7 +115,7 @@ def _held(
         make_optimizer=optimizer_factory(optimizer),
         amp_dtype=config.amp_dtype,  # type: ignore[arg-type]
     )
-    snapshot = ModelSnapshot(model)
+    snapshot = ModelSnapshot(model, copy_weights=device.trains_in_place)
     try:
         snapshot.set_grads_aside()
         with device.session(), device.hold(model) as held:

@@ -217,14 +217,17 @@ def _train(
 class ModelSnapshot:
     """Everything a probe may change in the user's model, kept to be put back bitwise.
 
-    Weights and buffers are copied to CPU; each tensor object is put back in its module
-    (moving a model replaces buffer objects) with its original device and contents;
-    gradients are set aside and returned; training flags and RNG states are restored.
+    Each tensor object is put back in its module (moving a model replaces buffer objects)
+    with its original device and contents; gradients are set aside and returned; training
+    flags and RNG states are restored. Weights are copied to CPU only when the device trains
+    them in place: a simulated device works on stand-ins, and there the tensors' version
+    counters prove they were not touched, without doubling host memory for a large model.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, copy_weights: bool = True) -> None:
         self.slots: list[tuple[nn.Module, str, str, torch.Tensor, torch.device]] = []
         self.copies: dict[int, torch.Tensor] = {}
+        self.versions: dict[int, int] = {}
         self.grads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for module in model.modules():
             for kind in ("_parameters", "_buffers"):
@@ -232,7 +235,8 @@ class ModelSnapshot:
                     if tensor is None:
                         continue
                     self.slots.append((module, kind, name, tensor, tensor.device))
-                    if id(tensor) not in self.copies:
+                    self.versions[id(tensor)] = tensor._version
+                    if copy_weights and id(tensor) not in self.copies:
                         self.copies[id(tensor)] = tensor.detach().to("cpu", copy=True)
                     if kind == "_parameters":
                         self.grads[id(tensor)] = (tensor, tensor.grad)
@@ -247,8 +251,11 @@ class ModelSnapshot:
         with torch.no_grad():
             for module, kind, name, tensor, device in self.slots:
                 getattr(module, kind)[name] = tensor
-                saved = self.copies[id(tensor)]
-                if tensor.device == device and tensor.dtype == saved.dtype:
+                saved = self.copies.get(id(tensor))
+                if saved is None:
+                    if tensor.device != device or tensor._version != self.versions[id(tensor)]:
+                        raise RuntimeError(f"batchfit changed {name!r} during a probe that was not to touch it")
+                elif tensor.device == device and tensor.dtype == saved.dtype:
                     tensor.data.copy_(saved)
                 else:
                     tensor.data = saved.to(device, copy=True)
