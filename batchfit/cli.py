@@ -135,6 +135,7 @@ class Run:
         # Under torchrun every rank probes, and rank 0 speaks for all of them.
         self.main_rank = os.environ.get("RANK", "0") == "0"
         self.quiet = opts["quiet"] or not self.main_rank
+        self.live = not self.quiet and sys.stderr.isatty()
         self.optimizer = OPTIMIZERS[opts["optimizer"]]
         capacity = opts["memory"] or (opts["gpu"].usable_bytes if opts["gpu"] else None)
         label = opts["gpu"].name if opts["gpu"] else None
@@ -182,14 +183,20 @@ class Run:
         if not self.quiet:
             click.echo(text, err=True)
 
+    def on_trial_start(self, batch_size: int) -> None:
+        if self.live:
+            click.echo(f"  batch {batch_size:>6}: running…", err=True, nl=False)
+
     def on_trial(self, trial: Any) -> None:
         from batchfit.memory import format_size
 
         if trial.ok:
             timing = f", {trial.seconds_per_step:.3f} s/step" if trial.seconds_per_step else ""
-            self.say(f"  batch {trial.batch_size:>6}: fitted, peak {format_size(trial.peak_reserved)}{timing}")
+            line = f"  batch {trial.batch_size:>6}: fitted, peak {format_size(trial.peak_reserved)}{timing}"
         else:
-            self.say(f"  batch {trial.batch_size:>6}: out of memory")
+            line = f"  batch {trial.batch_size:>6}: out of memory"
+        # On a terminal the "running…" line is overwritten in place; in a log each trial is one line.
+        self.say(f"\r{line:<60}" if self.live else line)
 
 
 def _emit_json(data: dict[str, Any], path: str | None) -> None:
@@ -217,6 +224,7 @@ def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -
             loss_fn=run.spec.loss_fn,
             device=run.device,
             on_trial=run.on_trial,
+            on_trial_start=run.on_trial_start,
             objective=objective,
             **run.options,
         )

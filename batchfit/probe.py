@@ -80,9 +80,12 @@ class _Probe:
     held: dict[str, Any] = field(default_factory=dict)
     params: list[Any] = field(default_factory=list)
     on_trial: Callable[[Trial], None] | None = None
+    on_trial_start: Callable[[int], None] | None = None
 
     def run(self, batch_size: int) -> Trial:
         log.debug("trial at batch_size=%d", batch_size)
+        if self.on_trial_start is not None:
+            self.on_trial_start(batch_size)
         trial = run_trial(self.device, self.workload, self.held, self.params, batch_size, self.steps)
         log.info(
             "batch %d: %s, peak reserved %s",
@@ -104,6 +107,7 @@ def _held(
     loss_fn: Any,
     config: ProbeConfig,
     on_trial: Callable[[Trial], None] | None,
+    on_trial_start: Callable[[int], None] | None = None,
 ) -> Iterator[_Probe]:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -121,7 +125,7 @@ def _held(
         with device.session(), device.hold(model) as held:
             model.train()
             probe = _Probe(device, workload, config.steps_per_trial, held, trainable(model, held))
-            probe.on_trial = on_trial
+            probe.on_trial, probe.on_trial_start = on_trial, on_trial_start
             yield probe
             del held, probe
     finally:
@@ -139,22 +143,24 @@ def find_batch_size(
     device: Device | str | None = None,
     config: ProbeConfig | None = None,
     on_trial: Callable[[Trial], None] | None = None,
+    on_trial_start: Callable[[int], None] | None = None,
     **options: Any,
 ) -> Result:
     """Find the largest batch that trains `model` within the memory budget, and its learning rate.
 
     `sample` is one example without a batch dimension (tensor, tuple/list or dict) or a
-    callable `batch_size -> batch`. Options are those of `ProbeConfig`. Under
+    callable `batch_size -> batch`. Options are those of `ProbeConfig`; `on_trial_start(B)`
+    and `on_trial(trial)` report progress. Under
     torch.distributed every rank probes its own device and all return the same answer.
     """
     config = config or ProbeConfig(**options)
     group = distributed.setup(config.dist_timeout_s)
     if group is None:
-        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial)
+        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start)
         return _finish(local, config, optimizer, [])
     rank = distributed.rank(group)
     try:
-        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial)
+        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start)
         report = distributed.RankReport(rank, local.recommended_batch_size, local.device, local.capacity_bytes)
         failure: Exception | None = None
     except Exception as error:  # every rank must join the agreement, failed or not
@@ -175,11 +181,12 @@ def _probe_here(
     device: Device | str | None,
     config: ProbeConfig,
     on_trial: Callable[[Trial], None] | None,
+    on_trial_start: Callable[[int], None] | None = None,
 ) -> Result:
     """The probe on this process's device, before any agreement between ranks."""
     dev = resolve_device(device, config.capacity_bytes)
     timer_start = devices.timer()
-    with _held(model, sample, dev, optimizer, loss_fn, config, on_trial) as probe:
+    with _held(model, sample, dev, optimizer, loss_fn, config, on_trial, on_trial_start) as probe:
         outcome = search(
             probe.run,
             dev.capacity,

@@ -282,3 +282,14 @@ def test_each_trial_frees_its_memory_without_a_garbage_collection(compute):
         for size in (4, 64, 100_000, 16):  # 100_000 runs out of memory
             p.run(size)
             assert dev.tracker.allocated == baseline, size
+
+
+def test_a_model_built_on_meta_probes_on_the_simulated_device():
+    with torch.device("meta"):
+        model = linear_stack(4, 512)
+    real = find_batch_size(linear_stack(4, 512), torch.randn(512), memory="1GiB", rounding="none")
+    started: list[int] = []
+    meta = find_batch_size(model, torch.randn(512), memory="1GiB", rounding="none", on_trial_start=started.append)
+    assert meta.recommended_batch_size == real.recommended_batch_size
+    assert started == [t.batch_size for t in meta.trials]
+    assert all(p.is_meta for p in model.parameters())
