@@ -15,6 +15,9 @@ from typing import Any
 
 import click
 
+from batchfit.gpus import find_gpu  # torch-free, like memory: `batchfit --help` must not import torch
+from batchfit.memory import parse_size
+
 EXIT_DOES_NOT_FIT = 1
 EXIT_MODEL_ERROR = 3
 
@@ -31,26 +34,18 @@ def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     return shape
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    from batchfit.memory import parse_size
+def _converting(convert: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback that turns the library's ValueError into a one-line usage error."""
 
-    try:
-        return parse_size(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from None
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            return convert(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from None
 
-
-def _gpu(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    from batchfit.gpus import find_gpu
-
-    try:
-        return find_gpu(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from None
+    return callback
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -84,8 +79,12 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Fraction of usable memory kept free.",
         ),
-        click.option("--memory", callback=_size, metavar="SIZE", help="Plan for this capacity, e.g. 24GiB."),
-        click.option("--gpu", callback=_gpu, metavar="NAME", help="Plan for a known card (batchfit gpus)."),
+        click.option(
+            "--memory", callback=_converting(parse_size), metavar="SIZE", help="Plan for this capacity, e.g. 24GiB."
+        ),
+        click.option(
+            "--gpu", callback=_converting(find_gpu), metavar="NAME", help="Plan for a known card (batchfit gpus)."
+        ),
         click.option("--device", "device_name", metavar="DEV", help="cuda, cuda:1, or simulated."),
         click.option(
             "--base-lr",

@@ -17,14 +17,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from batchfit.memory import GIB, format_size
+from batchfit.memory import format_size
 from batchfit.tracker import CudaKernelRouting, MemoryTracker
 
 log = logging.getLogger(__name__)
-
-# Memory the CUDA context takes outside the caching allocator (DESIGN.md: ~0.8 GiB measured
-# on Hopper cards with CUDA 12); the offline estimate subtracts it from a card's total.
-CUDA_CONTEXT_BYTES = int(0.8 * GIB)
 
 
 @dataclass

@@ -6,6 +6,21 @@ import pytest
 import torch
 from torch import nn
 
+# The keys Result.to_dict() and the CLI's --json share (issue 2).
+RESULT_KEYS = (
+    "recommended_batch_size",
+    "learning_rate",
+    "largest_batch_ran",
+    "predicted_limit",
+    "per_sample_bytes",
+    "fixed_bytes",
+    "capacity_bytes",
+    "margin",
+    "device",
+    "trials",
+    "elapsed_s",
+)
+
 
 def linear_stack(layers: int = 4, width: int = 256) -> nn.Sequential:
     """Bias-free Linear layers: memory known in closed form (see test_probe)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import RESULT_KEYS
 
 from batchfit.cli import main
 
@@ -84,21 +85,7 @@ def test_json_to_stdout_has_the_result_keys(tiny):
     result = invoke("estimate", "--model", f"{tiny}:tiny", "--gpu", "T4", "--json", "-")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
-    for key in [
-        "recommended_batch_size",
-        "learning_rate",
-        "largest_batch_ran",
-        "predicted_limit",
-        "per_sample_bytes",
-        "fixed_bytes",
-        "capacity_bytes",
-        "margin",
-        "device",
-        "trials",
-        "elapsed_s",
-        "throughput_knee",
-        "lr_advice",
-    ]:
+    for key in (*RESULT_KEYS, "throughput_knee", "lr_advice", "global_batch_size", "world_size"):
         assert key in data, key
     assert data["capacity_bytes"] == 15360 * 2**20 - int(0.8 * 2**30)
 

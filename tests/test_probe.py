@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import torch
-from conftest import DictModel, PairModel, linear_stack
+from conftest import RESULT_KEYS, DictModel, PairModel, linear_stack
 from torch import nn
 
 import batchfit
@@ -187,19 +187,7 @@ def test_learning_rate_is_scaled():
 def test_result_dict_has_the_shared_keys():
     result = find_batch_size(linear_stack(2, 32), torch.randn(32), memory="16MiB")
     data = result.to_dict()
-    for key in [
-        "recommended_batch_size",
-        "learning_rate",
-        "largest_batch_ran",
-        "predicted_limit",
-        "per_sample_bytes",
-        "fixed_bytes",
-        "capacity_bytes",
-        "margin",
-        "device",
-        "trials",
-        "elapsed_s",
-    ]:
+    for key in RESULT_KEYS:
         assert key in data
     assert data["trials"][0]["status"] in ("fitted", "oom")
     assert "recommended batch size" in str(result)
