@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from batchfit.trial import ModelSnapshot
@@ -60,6 +61,77 @@ def _flat_grad(params: list[torch.Tensor], scale: float) -> torch.Tensor:
     return torch.cat(parts) / scale
 
 
+def _gradient(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    inputs: Any,
+    targets: torch.Tensor,
+    loss_fn: Callable[..., Any],
+    amp: torch.dtype | None,
+    scaler: Any,
+) -> torch.Tensor:
+    """The flat, unscaled gradient of the mean loss over one (micro-)batch."""
+    for p in params:
+        p.grad = None
+    with torch.autocast(params[0].device.type, dtype=amp, enabled=amp is not None):
+        loss = loss_fn(model(inputs), targets)
+    scale = 1.0
+    if scaler is not None:
+        scale = float(scaler.get_scale())
+        loss = scaler.scale(loss)
+    loss.backward()
+    return _flat_grad(params, scale)
+
+
+def _norms_over_micro_batches(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    inputs: Any,
+    targets: torch.Tensor,
+    loss_fn: Any,
+    amp: Any,
+    scaler: Any,
+    small: int,
+) -> tuple[float, float, int] | None:
+    """Mean |G_b|² over K micro-batches of `small`, and |G_B|² of their mean (B = K·b)."""
+    k = targets.shape[0] // small
+    if k < 2:
+        raise ValueError(
+            f"batch of {targets.shape[0]} holds fewer than two micro-batches of {small}; "
+            "use larger batches or a smaller small_batch_size"
+        )
+    total, small_sq = None, 0.0
+    for j in range(k):
+        part = slice(j * small, (j + 1) * small)
+        grad = _gradient(model, params, inputs[part], targets[part], loss_fn, amp, scaler)
+        if not torch.isfinite(grad).all():
+            return None  # an fp16 overflow: the scaler skips this step, so do we
+        small_sq += float(grad.square().sum())
+        total = grad if total is None else total + grad
+    assert total is not None
+    return small_sq / k, float((total / k).square().sum()), k * small
+
+
+def _norms_over_ranks(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    inputs: Any,
+    targets: torch.Tensor,
+    loss_fn: Any,
+    amp: Any,
+    scaler: Any,
+) -> tuple[float, float, int] | None:
+    """Each rank's batch is a small batch; their mean over the ranks is the big batch."""
+    world = dist.get_world_size()
+    grad = _gradient(model, params, inputs, targets, loss_fn, amp, scaler)
+    stats = torch.tensor([float(grad.square().sum()), float(not torch.isfinite(grad).all())], device=grad.device)
+    dist.all_reduce(stats)
+    dist.all_reduce(grad)
+    if stats[1] > 0:  # any rank overflowed: every rank skips this batch
+        return None
+    return float(stats[0]) / world, float((grad / world).square().sum()), targets.shape[0] * world
+
+
 def noise_scale(
     model: nn.Module,
     batches: Iterable[tuple[Any, torch.Tensor]],
@@ -75,8 +147,10 @@ def noise_scale(
     """Estimate B_simple for `model` from `(inputs, targets)` batches; the model is left as found.
 
     Each batch of size B is split into K = B // small_batch_size micro-batches (K ≥ 2).
-    `loss_fn(output, targets)` must average over the batch (mean reduction). With an AMP
-    `scaler` the loss is scaled and gradients unscaled, and overflowing batches are skipped.
+    Under torch.distributed with several ranks, each rank's batch is a small batch and
+    their mean the big one (`small_batch_size` is then the per-rank batch). `loss_fn(output,
+    targets)` must average over the batch (mean reduction). With an AMP `scaler` the loss is
+    scaled and gradients unscaled, and batches that overflow are skipped.
     """
     if not 0 < ema < 1:
         raise ValueError(f"ema={ema!r} must be in (0, 1)")
@@ -84,52 +158,26 @@ def noise_scale(
     if not params:
         raise ValueError("the model has no trainable parameters")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "")
-    device_type = params[0].device.type
+    across_ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     snapshot = ModelSnapshot(model)
     pairs: list[tuple[float, float]] = []
-    avg_g = avg_s = 0.0
-    weight = 0.0
-    samples = 0
-    big_size = small = 0
+    avg_g = avg_s = weight = 0.0
+    samples = big_size = small = 0
     try:
         snapshot.set_grads_aside()
         model.train()
         for index, (inputs, targets) in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
-            size = targets.shape[0]
-            small = small_batch_size or max(1, size // 8)
-            k = size // small
-            if k < 2:
-                raise ValueError(
-                    f"batch of {size} holds fewer than two micro-batches of {small}; "
-                    "use larger batches or a smaller small_batch_size"
-                )
-            big_size = k * small
-            total = None
-            small_sq = 0.0
-            finite = True
-            for j in range(k):
-                part = slice(j * small, (j + 1) * small)
-                for p in params:
-                    p.grad = None
-                with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
-                    loss = loss_fn(model(inputs[part]), targets[part])
-                scale = 1.0
-                if scaler is not None:
-                    scale = float(scaler.get_scale())
-                    loss = scaler.scale(loss)
-                loss.backward()
-                grad = _flat_grad(params, scale)
-                if not torch.isfinite(grad).all():
-                    finite = False
-                    break
-                small_sq += float(grad.square().sum())
-                total = grad if total is None else total + grad
-            if not finite or total is None:
+            if across_ranks:
+                small = targets.shape[0]
+                norms = _norms_over_ranks(model, params, inputs, targets, loss_fn, amp, scaler)
+            else:
+                small = small_batch_size or max(1, targets.shape[0] // 8)
+                norms = _norms_over_micro_batches(model, params, inputs, targets, loss_fn, amp, scaler, small)
+            if norms is None:
                 continue
-            small_sq /= k
-            big_sq = float((total / k).square().sum())
+            small_sq, big_sq, big_size = norms
             g2, s = estimate_from_norms(small_sq, big_sq, small, big_size)
             pairs.append((g2, s))
             # Bias-corrected exponential moving averages of numerator and denominator.

@@ -16,7 +16,29 @@ from torch import nn
 import batchfit
 
 
+def noise() -> int:
+    """Least squares with B_simple = (d + 1) + dσ²/|δ|² = 101 (see test_noise.py); per-rank data."""
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    d, sigma = 10, 3.0
+    model = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.ones(1, d) / d**0.5)
+    gen = torch.Generator().manual_seed(100 + rank)
+    batches = []
+    for _ in range(200):
+        x = torch.randn(32, d, generator=gen)
+        batches.append((x, (sigma * torch.randn(32, generator=gen)).unsqueeze(1)))
+    result = batchfit.noise_scale(model, batches, nn.MSELoss(), ema=0.99)
+    torch.distributed.destroy_process_group()
+    assert result.small_batch_size == 32
+    print(json.dumps({"rank": rank, "b_simple": result.b_simple, "big": result.big_batch_size}))
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1] == "noise":
+        return noise()
     rank = int(os.environ["RANK"])
     capacities = [int(c) for c in sys.argv[1].split(",")]
     fail_rank = int(sys.argv[2]) if len(sys.argv) > 2 else -1

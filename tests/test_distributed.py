@@ -24,9 +24,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(capacities_mib: list[int], fail_rank: int = -1, target: int = 0, timeout: float = 120):
+def launch(worker_args: list[str], world: int, target: int = 0, timeout: float = 120):
     """Start one process per rank with torchrun's variables; return (exit codes, last lines, seconds)."""
-    world = len(capacities_mib)
     port = free_port()
     procs = []
     start = time.monotonic()
@@ -42,7 +41,7 @@ def launch(capacities_mib: list[int], fail_rank: int = -1, target: int = 0, time
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), ",".join(map(str, capacities_mib)), str(fail_rank)],
+                [sys.executable, str(WORKER), *worker_args],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -57,8 +56,14 @@ def launch(capacities_mib: list[int], fail_rank: int = -1, target: int = 0, time
     return [p.returncode for p in procs], outputs, time.monotonic() - start
 
 
+def probe(capacities_mib: list[int], fail_rank: int = -1, target: int = 0):
+    """Each rank probes a simulated card of its own capacity."""
+    args = [",".join(map(str, capacities_mib)), str(fail_rank)]
+    return launch(args, len(capacities_mib), target=target)
+
+
 def test_every_rank_gets_the_smallest_cards_answer():
-    codes, outputs, _ = launch([64, 16, 32])
+    codes, outputs, _ = probe([64, 16, 32])
     assert codes == [0, 0, 0], outputs
     per_device = {o["per_device"] for o in outputs}
     assert len(per_device) == 1
@@ -70,15 +75,24 @@ def test_every_rank_gets_the_smallest_cards_answer():
 
 
 def test_target_global_batch_sets_accumulation():
-    codes, outputs, _ = launch([16, 32], target=65536)
+    codes, outputs, _ = probe([16, 32], target=65536)
     assert codes == [0, 0], outputs
     o = outputs[0]
     assert o["per_device"] * 2 * o["accumulation"] == 65536 and o["accumulation"] > 1
 
 
 def test_a_failing_rank_makes_every_rank_fail_quickly():
-    codes, outputs, seconds = launch([64, 64, 64], fail_rank=2)
+    codes, outputs, seconds = probe([64, 64, 64], fail_rank=2)
     assert all(code != 0 for code in codes), outputs
     assert all(o.get("error") == "DistributedProbeError" for o in outputs), outputs
     assert all("rank 2" in o["message"] and "batch_size=1" in o["message"] for o in outputs)
     assert seconds < 60
+
+
+def test_noise_scale_uses_the_ranks_as_small_batches():
+    codes, outputs, _ = launch(["noise"], world=4)
+    assert codes == [0, 0, 0, 0], outputs
+    values = {round(o["b_simple"], 6) for o in outputs}
+    assert len(values) == 1  # every rank computes the same estimate from the all-reduced norms
+    assert outputs[0]["b_simple"] == pytest.approx(101, rel=0.2)
+    assert outputs[0]["big"] == 4 * 32
