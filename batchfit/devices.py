@@ -77,6 +77,10 @@ class Device:
         """Bytes allocated on the device right now."""
         return 0
 
+    def num_ooms(self) -> int:
+        """Out-of-memory errors the allocator has raised so far (a running count)."""
+        return 0
+
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     named: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
@@ -139,6 +143,9 @@ class CudaDevice(Device):
 
     def allocated(self) -> int:
         return torch.cuda.memory_allocated(self.torch_device)
+
+    def num_ooms(self) -> int:
+        return int(torch.cuda.memory_stats(self.torch_device).get("num_ooms", 0))
 
 
 class SimulatedDevice(Device):
@@ -233,6 +240,9 @@ class SimulatedDevice(Device):
 
     def allocated(self) -> int:
         return self.tracker.allocated
+
+    def num_ooms(self) -> int:
+        return self.tracker.num_ooms
 
 
 def gpu_name(index: int) -> str:

@@ -19,6 +19,7 @@ _FIT_SPAN = 16
 # A jump whose measured peak is this far from the line's prediction gets a second point
 # beside it, so the line is fitted where the recommendation lives.
 _FIT_TOLERANCE = 0.05
+_MAX_JUMP = 16
 # Without rounding, stop once a step would gain less than 1/64 (~1.5%) of the batch.
 _CLOSE_ENOUGH = 64
 _UNBOUNDED = 2**40
@@ -108,14 +109,19 @@ def search(
 
     while len(order) < max_trials:
         line = fit_trials(order)
+        below = max((b for b, t in trials.items() if t.ok and b < ceiling()), default=0)
         limit = ceiling() - 1
+        from_line = line is not None and line.max_batch(budget) < limit
         if line is not None:
             limit = min(limit, line.max_batch(budget))
-        if any(not within(t) for t in order):
+        if any(not within(t) for t in order) and (below + ceiling()) // 2 < limit:
             # Bracketed: an OOM carries no peak to correct the line with, so never step
             # past the middle of the gap (a safeguarded secant search).
-            below = max((b for b, t in trials.items() if t.ok and b < ceiling()), default=0)
-            limit = min(limit, (below + ceiling()) // 2)
+            limit, from_line = (below + ceiling()) // 2, False
+        if limit > _MAX_JUMP * below:
+            # Lines from small batches can be flat (the optimizer step dominates them) and
+            # predict absurd limits: grow at most 16× per trial and refit on the way.
+            limit, from_line = _MAX_JUMP * below, False
         candidate = round_batch(limit, rounding)
         best = verified()
         if candidate <= best + best // _CLOSE_ENOUGH or candidate < 1 or candidate in trials:
@@ -123,7 +129,8 @@ def search(
         trial = attempt(candidate)
         half = candidate // 2
         if (
-            line is not None
+            from_line
+            and line is not None
             and trial.ok
             and half >= _FIT_MIN_BATCH
             and half not in trials
