@@ -10,7 +10,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -77,10 +77,10 @@ class _Probe:
     device: Device
     workload: Workload
     steps: int
-    held: dict[str, Any] = field(default_factory=dict)
-    params: list[Any] = field(default_factory=list)
-    on_trial: Callable[[Trial], None] | None = None
-    on_trial_start: Callable[[int], None] | None = None
+    held: dict[str, Any]
+    params: list[Any]
+    on_trial: Callable[[Trial], None] | None
+    on_trial_start: Callable[[int], None] | None
 
     def run(self, batch_size: int) -> Trial:
         log.debug("trial at batch_size=%d", batch_size)
@@ -124,10 +124,10 @@ def _held(
         snapshot.set_grads_aside()
         with device.session(), device.hold(model) as held:
             model.train()
-            probe = _Probe(device, workload, config.steps_per_trial, held, trainable(model, held))
-            probe.on_trial, probe.on_trial_start = on_trial, on_trial_start
-            yield probe
-            del held, probe
+            yield _Probe(
+                device, workload, config.steps_per_trial, held, trainable(model, held), on_trial, on_trial_start
+            )
+            del held
     finally:
         snapshot.restore()
         gc.collect()  # one full collection at the end, not per trial: it costs ~0.1 s in a big process
