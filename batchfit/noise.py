@@ -154,7 +154,7 @@ def noise_scale(
     """
     if not 0 < ema < 1:
         raise ValueError(f"ema={ema!r} must be in (0, 1)")
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "")

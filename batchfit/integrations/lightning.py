@@ -39,7 +39,7 @@ class _TrainingStep(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, batch: Any) -> torch.Tensor:
+    def forward(self, batch: Any) -> Any:
         out = self.module.training_step(batch, 0)
         return out["loss"] if isinstance(out, Mapping) else out
 
@@ -59,7 +59,7 @@ def _first_optimizer(value: Any) -> torch.optim.Optimizer | None:
 
 def _owner(trainer: pl.Trainer, module: pl.LightningModule, name: str) -> Any:
     """Where `name` lives: the datamodule, the module, or the module's hparams (as Lightning looks)."""
-    for obj in (trainer.datamodule, module):
+    for obj in (getattr(trainer, "datamodule", None), module):
         if obj is not None and hasattr(obj, name):
             return obj
     if name in getattr(module, "hparams", {}):
@@ -99,7 +99,7 @@ class BatchfitCallback(pl.Callback):
     def _sample(self, trainer: pl.Trainer, module: pl.LightningModule) -> Any:
         if self.sample is not None:
             return self.sample
-        source = trainer.datamodule if trainer.datamodule is not None else module
+        source = getattr(trainer, "datamodule", None) or module
         try:
             batch = next(iter(source.train_dataloader()))
         except Exception as error:
