@@ -102,7 +102,7 @@ class CudaDevice(Device):
         self.total = total
         self.cap = memory
         self.capacity = min(available, memory) if memory else available
-        name = gpu_name(self.torch_device.index or 0)
+        name = gpu_name(self.torch_device.index if self.torch_device.index is not None else 0)
         capped = f", capped at {format_size(memory)}" if memory else ""
         self.description = (
             f"{name} ({self.torch_device}, {format_size(total)} total, {format_size(available)} usable{capped})"
@@ -246,17 +246,19 @@ class SimulatedDevice(Device):
 
 
 def gpu_name(index: int) -> str:
-    """The card's name from pynvml, falling back to torch's."""
+    """The card's name from NVML (matched by UUID: CUDA_VISIBLE_DEVICES renumbers), else torch's."""
     try:
         import pynvml
 
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
         pynvml.nvmlInit()
         try:
-            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(index))
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            name = pynvml.nvmlDeviceGetName(handle)
             return name.decode() if isinstance(name, bytes) else str(name)
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # pynvml missing or NVML unreachable: torch still knows the name.
+    except Exception:  # pynvml missing, NVML unreachable, or an AMD card: torch still knows the name.
         return torch.cuda.get_device_name(index)
 
 
