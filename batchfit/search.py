@@ -15,7 +15,7 @@ from batchfit.result import Trial
 # Trials below this size can peak in optimizer.step() rather than in backward (DESIGN.md),
 # which bends the line; the fit prefers trials at or above it.
 _FIT_MIN_BATCH = 4
-_FIT_SPAN = 16
+_FIT_SPAN = 4
 # A jump whose measured peak is this far from the line's prediction gets a second point
 # beside it, so the line is fitted where the recommendation lives.
 _FIT_TOLERANCE = 0.05
@@ -42,7 +42,7 @@ def fit_trials(trials: list[Trial], key: str = "peak_reserved") -> MemoryLine | 
     """The memory line through the successful trials that describe large batches.
 
     Small batches peak in optimizer.step() and sit on a flatter line, so points below
-    B = 4 or below 1/16 of the largest batch that ran are left out while two remain.
+    B = 4 or below 1/4 of the largest batch that ran are left out while two remain.
     """
     ok = sorted((t for t in trials if t.ok), key=lambda t: t.batch_size)
     if len({t.batch_size for t in ok}) < 2:
@@ -137,6 +137,14 @@ def search(
             and abs(line.predict(candidate) - trial.peak_reserved) > _FIT_TOLERANCE * trial.peak_reserved
         ):
             attempt(half)
+
+    ok_sizes = sorted(b for b, t in trials.items() if t.ok)
+    if ok_sizes and len(order) < max_trials:
+        top = ok_sizes[-1]
+        if top // 2 >= _FIT_MIN_BATCH and not any(top / _FIT_SPAN <= b < top for b in ok_sizes):
+            # The line is reported and trusted near the top: give it a second point there
+            # (half the largest batch that ran, so no new risk of running out of memory).
+            attempt(top // 2)
 
     line = fit_trials(order)
     ran = [t.batch_size for t in order if t.ok]

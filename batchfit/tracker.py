@@ -15,11 +15,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-# c10/cuda/CUDACachingAllocator.cpp: every block is a multiple of 512 bytes (kMinBlockSize);
-# requests above 1 MiB (kSmallSize) come from the large pool, whose segments are multiples
-# of 2 MiB (kRoundLarge). Small requests share 2 MiB segments and are not rounded further.
+# c10/cuda/CUDACachingAllocator.cpp: every block is a multiple of 512 bytes (kMinBlockSize).
+# Requests up to 1 MiB share 2 MiB segments and requests below 10 MiB (kMinLargeAlloc) share
+# 20 MiB ones, so both cost about their own size; larger ones get a segment of their own,
+# rounded up to 2 MiB (kRoundLarge). Fragmentation and cached free blocks are not modelled.
 _BLOCK = 512
-_SMALL = 1024**2
+_OWN_SEGMENT = 10 * 1024**2
 _LARGE_ROUND = 2 * 1024**2
 
 
@@ -31,7 +32,7 @@ def allocated_size(nbytes: int) -> int:
 def reserved_size(nbytes: int) -> int:
     """Bytes of segment a request ties up: large blocks in 2 MiB granules."""
     size = allocated_size(nbytes)
-    return size if size <= _SMALL else -(-size // _LARGE_ROUND) * _LARGE_ROUND
+    return size if size < _OWN_SEGMENT else -(-size // _LARGE_ROUND) * _LARGE_ROUND
 
 
 class MemoryTracker(TorchDispatchMode):

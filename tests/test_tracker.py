@@ -10,7 +10,8 @@ def test_sizes_follow_the_cuda_allocator():
     assert allocated_size(1) == 512
     assert allocated_size(513) == 1024
     assert reserved_size(1000) == 1024
-    assert reserved_size(3 * 1024**2 + 1) == 4 * 1024**2
+    assert reserved_size(3 * 1024**2 + 1) == 3 * 1024**2 + 512  # shares a 20 MiB segment
+    assert reserved_size(11 * 1024**2 + 1) == 12 * 1024**2  # a segment of its own, in 2 MiB steps
 
 
 def test_counts_once_per_storage_and_frees():
