@@ -215,7 +215,7 @@ class SimulatedDevice(Device):
             if not isinstance(t, torch.Tensor):
                 return t
             if mode is not None and not mode.is_our_fake(t):
-                t = mode.from_tensor(t)
+                t = self._fake(t)  # a CUDA or meta sample becomes a CPU stand-in like the weights
             elif mode is None and not self.tracker.is_tracked(t):
                 t = t.clone()  # the copy `.to("cuda")` makes: it dies with the trial, the user's does not
             self.tracker.track(t)

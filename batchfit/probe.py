@@ -120,15 +120,19 @@ def _held(
         amp_dtype=config.amp_dtype,  # type: ignore[arg-type]
     )
     snapshot = ModelSnapshot(model, copy_weights=device.trains_in_place)
+    probe = None
     try:
         snapshot.set_grads_aside()
         with device.session(), device.hold(model) as held:
             model.train()
-            yield _Probe(
+            probe = _Probe(
                 device, workload, config.steps_per_trial, held, trainable(model, held), on_trial, on_trial_start
             )
-            del held
+            yield probe
     finally:
+        if probe is not None:  # the caller may keep the probe object; its device tensors must go now
+            probe.held.clear()
+            probe.params.clear()
         snapshot.restore()
         gc.collect()  # one full collection at the end, not per trial: it costs ~0.1 s in a big process
         device.empty_cache()

@@ -277,7 +277,8 @@ def test_a_model_built_on_meta_probes_on_the_simulated_device():
         model = linear_stack(4, 512)
     real = find_batch_size(linear_stack(4, 512), torch.randn(512), memory="1GiB", rounding="none")
     started: list[int] = []
-    meta = find_batch_size(model, torch.randn(512), memory="1GiB", rounding="none", on_trial_start=started.append)
+    sample = torch.empty(512, device="meta")  # values are never read on the simulated device
+    meta = find_batch_size(model, sample, memory="1GiB", rounding="none", on_trial_start=started.append)
     assert meta.recommended_batch_size == real.recommended_batch_size
     assert started == [t.batch_size for t in meta.trials]
     assert all(p.is_meta for p in model.parameters())
