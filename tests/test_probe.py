@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from conftest import RESULT_KEYS, DictModel, PairModel, linear_stack
@@ -121,8 +119,7 @@ def test_keyboard_interrupt_restores_state(cnn, device):
 def test_memory_is_back_where_it_was():
     dev = SimulatedDevice(256 * 2**20)
     model = linear_stack(3, 128)
-    find_batch_size(model, torch.randn(128), device=dev, exact=True)
-    gc.collect()
+    find_batch_size(model, torch.randn(128), device=dev, exact=True)  # exact: OOM trials included
     assert dev.tracker.allocated == 0  # the fake weights, batches and optimizer state are all gone
 
 
@@ -130,8 +127,7 @@ def test_real_cpu_compute_frees_everything_it_made():
     dev = SimulatedDevice(256 * 2**20, compute="real")
     model = linear_stack(3, 128)
     baseline = sum(p.numel() * 4 for p in model.parameters())
-    find_batch_size(model, torch.randn(128), device=dev)
-    gc.collect()
+    find_batch_size(model, torch.randn(128), device=dev, exact=True)
     assert dev.tracker.allocated == pytest.approx(baseline, rel=0.01)  # only the weights stay
 
 
