@@ -263,6 +263,13 @@ def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elapsed: f
         )
     if dev.is_estimate:
         notes.append("simulated device: memory is an estimate; cuDNN/cuBLAS workspaces are not seen")
+    chosen = next((t for t in outcome.trials if t.batch_size == recommended and t.ok), None)
+    if chosen is not None and chosen.alloc_retries:
+        # The allocator had to free its cache and retry: the batch fits, but only just.
+        notes.append(
+            f"batch {recommended} needed {chosen.alloc_retries} allocator retries (cache flushes): it fits "
+            "only just; consider a larger margin"
+        )
     line, line_alloc = outcome.line, outcome.line_allocated
     return Result(
         recommended_batch_size=recommended,

@@ -278,3 +278,18 @@ def test_a_model_built_on_meta_probes_on_the_simulated_device():
     assert meta.recommended_batch_size == real.recommended_batch_size
     assert started == [t.batch_size for t in meta.trials]
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_allocator_retries_at_the_answer_are_reported():
+    from batchfit.config import ProbeConfig
+    from batchfit.probe import _result
+    from batchfit.result import Trial
+    from batchfit.search import search
+
+    def run(b):
+        return Trial(batch_size=b, ok=True, peak_allocated=b * 2**20, peak_reserved=b * 2**20, alloc_retries=b // 64)
+
+    outcome = search(run, 100 * 2**20, margin=0.2)
+    result = _result(outcome, SimulatedDevice(100 * 2**20), ProbeConfig(), 0.0)
+    assert result.recommended_batch_size == 64
+    assert any("1 allocator retries" in n for n in result.notes)
