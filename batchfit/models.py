@@ -182,7 +182,9 @@ def build(
             with place:
                 model = timm.create_model(name[5:], pretrained=False)
         except RuntimeError as error:
-            raise ValueError(f"timm has no model {name[5:]!r}") from error
+            close = difflib.get_close_matches(name[5:], timm.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+            raise ValueError(f"timm has no model {name[5:]!r}{hint}") from error
         shape = _image_shape(input_shape or model.pretrained_cfg.get("input_size"))
         return ModelSpec(model, torch.randn(*shape), _classification_loss, f"{name} (random weights)")
     names = torchvision_names()

@@ -231,3 +231,11 @@ def test_target_global_batch_sets_accumulation(tiny):
     assert data["per_device_batch_size"] * data["gradient_accumulation_steps"] == 1000000
     assert data["learning_rate"] == pytest.approx(0.1 * 1000000 / 256)
     assert any("LARS" in a for a in data["lr_advice"]["advice"])
+
+
+def test_timm_models_when_installed():
+    pytest.importorskip("timm")
+    result = invoke("estimate", "--model", "timm:resnet18", "--input-shape", "3,64,64", "--memory", "2GiB", "-q")
+    assert result.exit_code == 0, result.output
+    bad = CliRunner().invoke(main, ["estimate", "--model", "timm:resnt18", "--memory", "2GiB"])
+    assert bad.exit_code == 2 and "did you mean timm:resnet18" in bad.output
