@@ -185,7 +185,8 @@ def build(
             close = difflib.get_close_matches(name[5:], timm.list_models(), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
             raise ValueError(f"timm has no model {name[5:]!r}{hint}") from error
-        shape = _image_shape(input_shape or model.pretrained_cfg.get("input_size"))
+        cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}  # timm's default input size
+        shape = _image_shape(input_shape or cfg.get("input_size"))
         return ModelSpec(model, torch.randn(*shape), _classification_loss, f"{name} (random weights)")
     names = torchvision_names()
     if name in names:

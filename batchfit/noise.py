@@ -61,37 +61,31 @@ def _flat_grad(params: list[torch.Tensor], scale: float) -> torch.Tensor:
     return torch.cat(parts) / scale
 
 
-def _gradient(
-    model: nn.Module,
-    params: list[torch.Tensor],
-    inputs: Any,
-    targets: torch.Tensor,
-    loss_fn: Callable[..., Any],
-    amp: torch.dtype | None,
-    scaler: Any,
-) -> torch.Tensor:
-    """The flat, unscaled gradient of the mean loss over one (micro-)batch."""
-    for p in params:
-        p.grad = None
-    with torch.autocast(params[0].device.type, dtype=amp, enabled=amp is not None):
-        loss = loss_fn(model(inputs), targets)
-    scale = 1.0
-    if scaler is not None:
-        scale = float(scaler.get_scale())
-        loss = scaler.scale(loss)
-    loss.backward()
-    return _flat_grad(params, scale)
+@dataclass
+class _Gradients:
+    """Flat, unscaled gradients of the mean loss of `model` over any (micro-)batch."""
+
+    model: nn.Module
+    params: list[torch.Tensor]
+    loss_fn: Callable[..., Any]
+    amp: torch.dtype | None
+    scaler: Any
+
+    def __call__(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        for p in self.params:
+            p.grad = None
+        with torch.autocast(self.params[0].device.type, dtype=self.amp, enabled=self.amp is not None):
+            loss = self.loss_fn(self.model(inputs), targets)
+        scale = 1.0
+        if self.scaler is not None:
+            scale = float(self.scaler.get_scale())
+            loss = self.scaler.scale(loss)
+        loss.backward()
+        return _flat_grad(self.params, scale)
 
 
 def _norms_over_micro_batches(
-    model: nn.Module,
-    params: list[torch.Tensor],
-    inputs: Any,
-    targets: torch.Tensor,
-    loss_fn: Any,
-    amp: Any,
-    scaler: Any,
-    small: int,
+    gradient: _Gradients, inputs: Any, targets: torch.Tensor, small: int
 ) -> tuple[float, float, int] | None:
     """Mean |G_b|² over K micro-batches of `small`, and |G_B|² of their mean (B = K·b)."""
     k = targets.shape[0] // small
@@ -103,7 +97,7 @@ def _norms_over_micro_batches(
     total, small_sq = None, 0.0
     for j in range(k):
         part = slice(j * small, (j + 1) * small)
-        grad = _gradient(model, params, inputs[part], targets[part], loss_fn, amp, scaler)
+        grad = gradient(inputs[part], targets[part])
         if not torch.isfinite(grad).all():
             return None  # an fp16 overflow: the scaler skips this step, so do we
         small_sq += float(grad.square().sum())
@@ -112,18 +106,10 @@ def _norms_over_micro_batches(
     return small_sq / k, float((total / k).square().sum()), k * small
 
 
-def _norms_over_ranks(
-    model: nn.Module,
-    params: list[torch.Tensor],
-    inputs: Any,
-    targets: torch.Tensor,
-    loss_fn: Any,
-    amp: Any,
-    scaler: Any,
-) -> tuple[float, float, int] | None:
+def _norms_over_ranks(gradient: _Gradients, inputs: Any, targets: torch.Tensor) -> tuple[float, float, int] | None:
     """Each rank's batch is a small batch; their mean over the ranks is the big batch."""
     world = dist.get_world_size()
-    grad = _gradient(model, params, inputs, targets, loss_fn, amp, scaler)
+    grad = gradient(inputs, targets)
     stats = torch.tensor([float(grad.square().sum()), float(not torch.isfinite(grad).all())], device=grad.device)
     dist.all_reduce(stats)
     dist.all_reduce(grad)
@@ -158,6 +144,7 @@ def noise_scale(
     if not params:
         raise ValueError("the model has no trainable parameters")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "")
+    gradient = _Gradients(model, params, loss_fn, amp, scaler)
     across_ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     snapshot = ModelSnapshot(model)
     pairs: list[tuple[float, float]] = []
@@ -171,10 +158,10 @@ def noise_scale(
                 break
             if across_ranks:
                 small = targets.shape[0]
-                norms = _norms_over_ranks(model, params, inputs, targets, loss_fn, amp, scaler)
+                norms = _norms_over_ranks(gradient, inputs, targets)
             else:
                 small = small_batch_size or max(1, targets.shape[0] // 8)
-                norms = _norms_over_micro_batches(model, params, inputs, targets, loss_fn, amp, scaler, small)
+                norms = _norms_over_micro_batches(gradient, inputs, targets, small)
             if norms is None:
                 continue
             small_sq, big_sq, big_size = norms

@@ -74,12 +74,10 @@ def _as_tree(sample: Any) -> Any:
     """Tokenizer outputs are Mapping subclasses that pytree does not open; make them dicts."""
     if isinstance(sample, Mapping):
         return {k: _as_tree(v) for k, v in sample.items()}
-    if isinstance(sample, (tuple, list)):
-        return (
-            type(sample)(_as_tree(v) for v in sample)
-            if isinstance(sample, list)
-            else tuple(_as_tree(v) for v in sample)
-        )
+    if isinstance(sample, list):
+        return [_as_tree(v) for v in sample]
+    if isinstance(sample, tuple):
+        return tuple(_as_tree(v) for v in sample)
     return sample
 
 
