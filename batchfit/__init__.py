@@ -30,6 +30,7 @@ _EXPORTS = {
     "format_size": "batchfit.memory",
     "noise_scale": "batchfit.noise",
     "parse_size": "batchfit.memory",
+    "predict_limit": "batchfit.limit",
     "preflight": "batchfit.probe",
     "scale_lr": "batchfit.lr",
 }

@@ -15,7 +15,11 @@ from typing import Any
 
 import click
 
-from batchfit.gpus import find_gpu  # torch-free, like memory: `batchfit --help` must not import torch
+from batchfit.gpus import (  # torch-free, like memory: `batchfit --help` must not import torch
+    CUDA_CONTEXT_BYTES,
+    HOPPER_WORKSPACES,
+    find_gpu,
+)
 from batchfit.memory import parse_size
 
 EXIT_DOES_NOT_FIT = 1
@@ -156,7 +160,14 @@ class Run:
                     f"no CUDA GPU here: simulating a GPU the size of this machine's free RAM "
                     f"({capacity / 1024**3:.1f} GiB); use --gpu NAME or --memory SIZE to plan for a GPU"
                 )
-            self.device = devices.SimulatedDevice(capacity, name=label)
+            card = opts["gpu"]
+            self.device = devices.SimulatedDevice(
+                capacity,
+                name=label,
+                # Without a card named, Hopper's workspaces: the largest default, so never optimistic.
+                workspaces=card.workspaces if card else HOPPER_WORKSPACES,
+                context_bytes=CUDA_CONTEXT_BYTES if card else None,
+            )
             self.where = self.device.description
             capacity = None  # the simulated device carries it
         try:

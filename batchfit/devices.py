@@ -17,8 +17,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from batchfit.autocast import CudaAutocastPolicy
+from batchfit.gpus import HOPPER_WORKSPACES
 from batchfit.memory import format_size
-from batchfit.tracker import CudaKernelRouting, MemoryTracker
+from batchfit.tracker import AllocationWatch, CudaKernelRouting, MemoryTracker
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,10 @@ class Measurement:
     peak_allocated: int = 0
     peak_reserved: int = 0
     alloc_retries: int = 0
+    largest_alloc: int = 0
+    """The largest single allocation of the trial (the limit model needs it)."""
+    peak_inactive_split: int = 0
+    """Peak free bytes inside segments that also hold live blocks (fragmentation)."""
     step_seconds: list[float] = field(default_factory=list)
 
 
@@ -43,10 +49,18 @@ class Device:
     trains_in_place: bool = True
     """Whether trials step the user's own tensors (so the probe must copy them to restore)."""
     torch_device: torch.device = torch.device("cpu")
+    notes: tuple[str, ...] = ()
+    """What the measurements leave out or assume, said beside every result from this device."""
 
     @property
     def autocast_type(self) -> str:
         return self.torch_device.type
+
+    @contextlib.contextmanager
+    def autocast(self, dtype: torch.dtype | None) -> Iterator[None]:
+        """Mixed precision for one step, with the casting rules of a CUDA GPU."""
+        with torch.autocast(self.autocast_type, dtype=dtype, enabled=dtype is not None):
+            yield
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -66,6 +80,11 @@ class Device:
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def first_step(self, measurement: Measurement) -> Iterator[None]:
+        """Around a trial's first step (untimed): where per-allocation watching may cost time."""
+        yield
 
     def synchronize(self) -> None:
         """Wait for queued work so step times are real."""
@@ -133,7 +152,18 @@ class CudaDevice(Device):
             stats = torch.cuda.memory_stats(self.torch_device)
             result.peak_allocated = stats.get("allocated_bytes.all.peak", 0)
             result.peak_reserved = stats.get("reserved_bytes.all.peak", 0)
+            result.peak_inactive_split = stats.get("inactive_split_bytes.all.peak", 0)
             result.alloc_retries = stats.get("num_alloc_retries", 0) - before
+
+    @contextlib.contextmanager
+    def first_step(self, measurement: Measurement) -> Iterator[None]:
+        # The allocator's statistics have no largest request; watch the step's new storages.
+        watch = AllocationWatch()
+        try:
+            with watch:
+                yield
+        finally:
+            measurement.largest_alloc = max(measurement.largest_alloc, watch.largest)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.torch_device)
@@ -158,7 +188,14 @@ class SimulatedDevice(Device):
 
     is_estimate = True
 
-    def __init__(self, capacity: int, compute: str = "fake", name: str | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        compute: str = "fake",
+        name: str | None = None,
+        workspaces: tuple[int, ...] = HOPPER_WORKSPACES,
+        context_bytes: int | None = None,
+    ) -> None:
         if compute not in ("fake", "real"):
             raise ValueError(f"compute={compute!r} is not one of 'fake', 'real'")
         self.capacity = capacity
@@ -167,13 +204,48 @@ class SimulatedDevice(Device):
         self.trains_in_place = compute == "real"
         self.torch_device = torch.device("cpu")
         self.tracker = MemoryTracker(capacity)
+        self.workspaces = workspaces
+        self._workspace_blocks: list[Any] = []
         self._fake_mode: Any = None
+        self._policy = CudaAutocastPolicy()
         label = name or format_size(capacity)
         kind = "estimate, no real compute" if compute == "fake" else "real CPU compute"
         self.description = f"simulated {label} GPU ({kind})"
+        source = "measured on an H200, torch 2.11" if workspaces == HOPPER_WORKSPACES else "torch's default"
+        notes = ["simulated device: memory is an estimate from a model of CUDA's caching allocator"]
+        if workspaces:
+            notes.append(
+                f"fixed memory no tensor shows is added: {format_size(sum(workspaces))} of cuBLAS/cuBLASLt "
+                f"workspaces ({source}); cuDNN's per-call workspaces are not modelled"
+            )
+        if context_bytes:
+            notes.append(
+                f"capacity is the card's total less {format_size(context_bytes)} of CUDA context, which "
+                "lives outside the caching allocator (measured on Hopper cards, CUDA 12)"
+            )
+        self.notes = tuple(notes)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
+        try:
+            with self._policy.installed(), self._compute():
+                yield
+        finally:
+            for block in self._workspace_blocks:
+                self.tracker.release(block)
+            self._workspace_blocks = []
+            self.tracker.allocator.empty_cache()
+
+    @contextlib.contextmanager
+    def autocast(self, dtype: torch.dtype | None) -> Iterator[None]:
+        try:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                yield
+        finally:
+            self._policy.clear_cache()
+
+    @contextlib.contextmanager
+    def _compute(self) -> Iterator[None]:
         if self.compute == "real":
             yield
             return
@@ -232,17 +304,32 @@ class SimulatedDevice(Device):
                 stack.enter_context(self._fake_mode)
             stack.enter_context(self.tracker)
             stack.enter_context(CudaKernelRouting())
+            retries = self.tracker.allocator.num_alloc_retries
             try:
+                self._hold_workspaces()
                 yield result
             finally:
-                result.peak_allocated = self.tracker.peak_allocated
-                result.peak_reserved = self.tracker.peak_reserved
+                allocator = self.tracker.allocator
+                result.peak_allocated = allocator.peak_allocated
+                result.peak_reserved = allocator.peak_reserved
+                result.peak_inactive_split = allocator.peak_inactive_split
+                result.largest_alloc = allocator.largest_request
+                result.alloc_retries = allocator.num_alloc_retries - retries
+
+    def _hold_workspaces(self) -> None:
+        # CUDA creates them at the first matmul of the first step, then keeps them: inside a
+        # trial, so a card too small even for them runs out of memory like any trial.
+        for nbytes in self.workspaces[len(self._workspace_blocks) :]:
+            self._workspace_blocks.append(self.tracker.reserve(nbytes))
+
+    def empty_cache(self) -> None:
+        self.tracker.allocator.empty_cache()
 
     def allocated(self) -> int:
         return self.tracker.allocated
 
     def num_ooms(self) -> int:
-        return self.tracker.num_ooms
+        return self.tracker.allocator.num_ooms
 
 
 def gpu_name(index: int) -> str:

@@ -9,9 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIB = 1024**2
-# Memory the CUDA context takes outside the caching allocator (DESIGN.md: ~0.8 GiB measured
+# Memory the CUDA context takes outside the caching allocator (docs/design.md: ~0.8 GiB measured
 # on Hopper cards with CUDA 12); the offline estimate subtracts it from a card's total.
 CUDA_CONTEXT_BYTES = int(0.8 * 1024**3)
+# cuBLAS/cuBLASLt workspaces, allocated through the caching allocator at the first matmul of
+# the forward (the main thread's handle) and of the backward (autograd's device thread), then
+# kept: 68,157,440 B (65 MiB) stay allocated after one step on an H200 with torch 2.11
+# (docs/design.md). torch's default is 32 MiB a handle on Hopper (CublasHandlePool.cpp); on
+# other cards it is 4096*1024*2 + 16*1024*8 B a handle (from the source, not measured here).
+HOPPER_WORKSPACES = (32 * MIB, 32 * MIB, 1 * MIB)
+OTHER_WORKSPACES = (8 * MIB + 128 * 1024, 8 * MIB + 128 * 1024, 1 * MIB)
 
 
 @dataclass(frozen=True)
@@ -19,6 +26,7 @@ class Gpu:
     name: str
     total_bytes: int
     note: str = ""
+    workspaces: tuple[int, ...] = OTHER_WORKSPACES
 
     @property
     def usable_bytes(self) -> int:
@@ -39,9 +47,9 @@ GPUS: dict[str, Gpu] = {
         Gpu("L40S", 46068 * MIB, "Ada, 48 GB GDDR6"),
         Gpu("A100-40GB", 40960 * MIB, "Ampere, HBM2"),
         Gpu("A100-80GB", 81920 * MIB, "Ampere, HBM2e"),
-        Gpu("H100-80GB", 81559 * MIB, "Hopper, HBM3"),
-        Gpu("H200", 143771 * MIB, "Hopper, 141 GB HBM3e"),
-        Gpu("B200", 183359 * MIB, "Blackwell, 180 GB HBM3e"),
+        Gpu("H100-80GB", 81559 * MIB, "Hopper, HBM3", HOPPER_WORKSPACES),
+        Gpu("H200", 143771 * MIB, "Hopper, 141 GB HBM3e", HOPPER_WORKSPACES),
+        Gpu("B200", 183359 * MIB, "Blackwell, 180 GB HBM3e", HOPPER_WORKSPACES),
         Gpu("MI300X", 196592 * MIB, "AMD CDNA3, 192 GB HBM3 (ROCm)"),
     ]
 }

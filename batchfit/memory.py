@@ -1,7 +1,7 @@
 """Memory arithmetic: size strings, the linear memory model and the budget under a margin.
 
 Peak training memory is close to `fixed + per_sample × B` once optimizer state exists
-(DESIGN.md); everything the search decides rests on that line.
+(docs/design.md); everything the search decides rests on that line.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ _UNITS = {
     "tib": 1024**4,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+MIB = 1024**2
 GIB = 1024**3
 
 
@@ -88,7 +89,7 @@ def fit_line(points: Sequence[tuple[float, float]]) -> MemoryLine:
     """Least-squares line through (batch_size, peak_bytes) points.
 
     At tiny batches the peak can sit in optimizer.step() rather than in backward, so
-    memory is the larger of two lines (DESIGN.md); callers pass trials with B >= 4
+    memory is the larger of two lines (docs/design.md); callers pass trials with B >= 4
     where they have them. A negative slope (noise on a flat model) is clamped to zero.
     """
     if len({b for b, _ in points}) < 2:

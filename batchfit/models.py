@@ -41,7 +41,10 @@ def _classification_loss(output: torch.Tensor, batch: Any) -> torch.Tensor:
 
 def _token_sample(vocab: int, seq_len: int, labels: str) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, vocab, (seq_len,))
-    sample = {"input_ids": ids, "attention_mask": torch.ones(seq_len, dtype=torch.long)}
+    # No attention_mask: a full-length batch has no padding, and an all-ones mask on fake
+    # tensors makes transformers build a (B, 1, T, T) mask that CUDA never materialises
+    # (on a real tensor it sees the ones and passes is_causal to SDPA instead).
+    sample = {"input_ids": ids}
     if labels == "lm":
         sample["labels"] = ids.clone()
     elif labels == "class":

@@ -40,7 +40,7 @@ def release(error: BaseException | None = None) -> None:
     """Free what a failed trial left behind.
 
     The traceback's frames hold the activations; they must go before gc runs, or the
-    next trial starts with the last one's memory still allocated (DESIGN.md).
+    next trial starts with the last one's memory still allocated (docs/design.md).
     """
     if error is not None:
         error.__traceback__ = None

@@ -261,8 +261,7 @@ def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elapsed: f
             f"objective={config.objective!r} needs real step times; {dev.description} has none, "
             "so the memory answer stands"
         )
-    if dev.is_estimate:
-        notes.append("simulated device: memory is an estimate; cuDNN/cuBLAS workspaces are not seen")
+    notes.extend(dev.notes)
     chosen = next((t for t in outcome.trials if t.batch_size == recommended and t.ok), None)
     if chosen is not None and chosen.alloc_retries:
         # The allocator had to free its cache and retry: the batch fits, but only just.

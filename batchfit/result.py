@@ -22,6 +22,10 @@ class Trial:
     peak_reserved: int = 0
     seconds_per_step: float | None = None
     alloc_retries: int = 0
+    largest_alloc: int = 0
+    """The largest single allocation (bytes): a request no free hole fits can fail early."""
+    peak_inactive_split: int = 0
+    """Peak free bytes stranded in partly used segments (the allocator's fragmentation)."""
 
     @property
     def samples_per_s(self) -> float | None:
@@ -38,6 +42,8 @@ class Trial:
             "seconds_per_step": self.seconds_per_step,
             "samples_per_s": self.samples_per_s,
             "alloc_retries": self.alloc_retries,
+            "largest_alloc_bytes": self.largest_alloc,
+            "peak_inactive_split_bytes": self.peak_inactive_split,
         }
 
 
@@ -118,9 +124,15 @@ class Result:
         if self.exact_limit is not None:
             lines.append(f"exact limit:            {self.exact_limit}")
         if self.per_sample_bytes is not None and self.fixed_bytes is not None:
+            allocated = ""
+            if self.per_sample_allocated_bytes is not None and self.fixed_allocated_bytes is not None:
+                allocated = (
+                    f"{format_size(self.per_sample_allocated_bytes)} allocated "
+                    f"(+ {format_size(self.fixed_allocated_bytes)} fixed), "
+                )
             lines.append(
-                f"memory per sample:      {format_size(self.per_sample_bytes)} "
-                f"(+ {format_size(self.fixed_bytes)} fixed), reserved"
+                f"memory per sample:      {allocated}{format_size(self.per_sample_bytes)} reserved "
+                f"(+ {format_size(self.fixed_bytes)} fixed)"
             )
         headroom = self.headroom_bytes
         if headroom is not None:

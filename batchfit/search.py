@@ -9,13 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from batchfit.limit import FIT_MIN_BATCH, FIT_SPAN, fit_sizes, predict_limit
 from batchfit.memory import MemoryLine, fit_line, round_batch
 from batchfit.result import Trial
 
-# Trials below this size can peak in optimizer.step() rather than in backward (DESIGN.md),
-# which bends the line; the fit prefers trials at or above it.
-_FIT_MIN_BATCH = 4
-_FIT_SPAN = 4
 # A jump whose measured peak is this far from the line's prediction gets a second point
 # beside it, so the line is fitted where the recommendation lives.
 _FIT_TOLERANCE = 0.05
@@ -39,20 +36,31 @@ class SearchOutcome:
 
 
 def fit_trials(trials: list[Trial], key: str = "peak_reserved") -> MemoryLine | None:
-    """The memory line through the successful trials that describe large batches.
-
-    Small batches peak in optimizer.step() and sit on a flatter line, so points below
-    B = 4 or below 1/4 of the largest batch that ran are left out while two remain.
-    """
-    ok = sorted((t for t in trials if t.ok), key=lambda t: t.batch_size)
-    if len({t.batch_size for t in ok}) < 2:
+    """The memory line of `key` through the successful trials that describe large batches."""
+    ok = [t for t in trials if t.ok]
+    sizes = set(fit_sizes(t.batch_size for t in ok))
+    if len(sizes) < 2:
         return None
-    top = ok[-1].batch_size
-    use = [t for t in ok if t.batch_size >= max(_FIT_MIN_BATCH, top / _FIT_SPAN)]
-    if len({t.batch_size for t in use}) < 2:
-        second = max(t.batch_size for t in ok if t.batch_size < top)
-        use = [t for t in ok if t.batch_size >= second]
-    return fit_line([(t.batch_size, getattr(t, key)) for t in use])
+    return fit_line([(t.batch_size, getattr(t, key)) for t in ok if t.batch_size in sizes])
+
+
+def reserved_model(trials: list[Trial]) -> MemoryLine | None:
+    """Peak reserved memory as the allocated line times the cache's overhead at the largest trial.
+
+    Reserved grows in whole segments (2 and 20 MiB, or one per large tensor), so a line fitted
+    to reserved peaks of small batches is steppy and can be far too flat; allocated memory is
+    smooth. The caching allocator keeps a roughly constant fraction more than is allocated far
+    from the cap (18-21% for ResNet-50 on an H200, docs/design.md), so the search plans its jumps
+    with allocated × that fraction, and falls back to the reserved line where no allocated
+    peak was measured.
+    """
+    allocated = fit_trials(trials, "peak_allocated")
+    ok = [t for t in trials if t.ok and t.peak_allocated > 0]
+    if allocated is None or allocated.per_sample <= 0 or not ok:
+        return fit_trials(trials)
+    top = max(ok, key=lambda t: t.batch_size)
+    overhead = max(1.0, top.peak_reserved / top.peak_allocated)
+    return MemoryLine(fixed=allocated.fixed * overhead, per_sample=allocated.per_sample * overhead)
 
 
 def _conforms(batch_size: int, rounding: str) -> bool:
@@ -102,13 +110,13 @@ def search(
     batch_size = min(start, cap)
     while True:
         trial = attempt(batch_size)
-        ready = sum(1 for t in order if t.ok and t.batch_size >= _FIT_MIN_BATCH) >= 2
+        ready = sum(1 for t in order if t.ok and t.batch_size >= FIT_MIN_BATCH) >= 2
         if not within(trial) or ready or batch_size >= cap or len(order) >= max_trials:
             break
         batch_size = min(batch_size * 2, cap)
 
     while len(order) < max_trials:
-        line = fit_trials(order)
+        line = reserved_model(order)
         below = max((b for b, t in trials.items() if t.ok and b < ceiling()), default=0)
         limit = ceiling() - 1
         from_line = line is not None and line.max_batch(budget) < limit
@@ -132,7 +140,7 @@ def search(
             from_line
             and line is not None
             and trial.ok
-            and half >= _FIT_MIN_BATCH
+            and half >= FIT_MIN_BATCH
             and half not in trials
             and abs(line.predict(candidate) - trial.peak_reserved) > _FIT_TOLERANCE * trial.peak_reserved
         ):
@@ -141,7 +149,7 @@ def search(
     ok_sizes = sorted(b for b, t in trials.items() if t.ok)
     if ok_sizes and len(order) < max_trials:
         top = ok_sizes[-1]
-        if top // 2 >= _FIT_MIN_BATCH and not any(top / _FIT_SPAN <= b < top for b in ok_sizes):
+        if top // 2 >= FIT_MIN_BATCH and not any(top / FIT_SPAN <= b < top for b in ok_sizes):
             # The line is reported and trusted near the top: give it a second point there
             # (half the largest batch that ran, so no new risk of running out of memory).
             attempt(top // 2)
@@ -151,10 +159,7 @@ def search(
     smallest_oom = min((t.batch_size for t in order if not t.ok), default=None)
     predicted = None
     if line is not None:
-        predicted = line.max_batch(capacity)
-        if smallest_oom is not None:
-            predicted = min(predicted, smallest_oom - 1)
-        predicted = max(predicted, max(ran, default=0))
+        predicted = predict_limit([t.to_dict() for t in order], capacity)
         predicted = min(predicted, cap) if max_batch_size else predicted
 
     exact_limit = None

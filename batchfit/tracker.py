@@ -1,8 +1,8 @@
-"""The simulated device's memory tracker: live tensor-storage bytes, peaks and a capacity.
+"""The simulated device's memory tracker: every tensor storage, fed to the allocator model.
 
-A TorchDispatchMode sees every tensor an operator creates; storages are counted once,
-released through `weakref.finalize`, and rounded the way the CUDA caching allocator
-rounds them, so the peak lands within a few percent of real CUDA peak allocated memory.
+A TorchDispatchMode sees every tensor an operator creates; storages are counted once and
+released through `weakref.finalize`, and the model of CUDA's caching allocator
+(allocator.py) turns that malloc/free stream into allocated and reserved bytes and OOMs.
 """
 
 from __future__ import annotations
@@ -15,38 +15,44 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-# c10/cuda/CUDACachingAllocator.cpp: every block is a multiple of 512 bytes (kMinBlockSize).
-# Requests up to 1 MiB share 2 MiB segments and requests below 10 MiB (kMinLargeAlloc) share
-# 20 MiB ones, so both cost about their own size; larger ones get a segment of their own,
-# rounded up to 2 MiB (kRoundLarge). Fragmentation and cached free blocks are not modelled.
-_BLOCK = 512
-_OWN_SEGMENT = 10 * 1024**2
-_LARGE_ROUND = 2 * 1024**2
-
-
-def allocated_size(nbytes: int) -> int:
-    """Bytes the CUDA allocator hands out for a request of `nbytes`."""
-    return max(_BLOCK, -(-nbytes // _BLOCK) * _BLOCK)
-
-
-def reserved_size(nbytes: int) -> int:
-    """Bytes of segment a request ties up: large blocks in 2 MiB granules."""
-    size = allocated_size(nbytes)
-    return size if size < _OWN_SEGMENT else -(-size // _LARGE_ROUND) * _LARGE_ROUND
+from batchfit.allocator import AllocatorOutOfMemory, Block, CachingAllocator, round_size
+from batchfit.memory import format_size
 
 
 class MemoryTracker(TorchDispatchMode):
-    """Count live storage bytes; raise torch.OutOfMemoryError past `capacity` (reserved)."""
+    """Feed every new tensor storage to a model of the CUDA caching allocator.
+
+    Storages are counted once and freed through `weakref.finalize`; the allocator model
+    decides reserved memory and raises a CUDA-worded torch.OutOfMemoryError where a card would.
+    """
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity
-        self.allocated = 0
-        self.reserved = 0
-        self.peak_allocated = 0
-        self.peak_reserved = 0
-        self.num_ooms = 0  # as CUDA's memory_stats()["num_ooms"]
-        self._live: dict[int, tuple[int, int]] = {}
+        self.allocator = CachingAllocator(capacity)
+        self._live: dict[int, Block | None] = {}
+
+    @property
+    def allocated(self) -> int:
+        return self.allocator.allocated
+
+    def reserve(self, nbytes: int) -> Block:
+        """Allocate bytes no tensor holds (a library's workspace); they stay until `release`."""
+        return self._malloc(nbytes)
+
+    def release(self, block: Block) -> None:
+        self.allocator.free(block)
+
+    def _malloc(self, nbytes: int) -> Block:
+        try:
+            return self.allocator.malloc(nbytes)
+        except AllocatorOutOfMemory as error:
+            raise torch.OutOfMemoryError(
+                # Worded as CUDA's own message, so other tools' OOM checks recognise it too.
+                f"CUDA out of memory. Tried to allocate {format_size(error.size)}. Simulated GPU of "
+                f"{format_size(self.capacity)}: {format_size(error.allocated)} allocated, "
+                f"{format_size(error.reserved)} reserved by the caching allocator"
+            ) from None
 
     def track(self, tensor: torch.Tensor) -> None:
         """Count `tensor`'s storage if it is not counted yet."""
@@ -54,47 +60,71 @@ class MemoryTracker(TorchDispatchMode):
         key = id(storage)
         if key in self._live:
             return
-        alloc = allocated_size(storage.nbytes())
-        reserve = reserved_size(storage.nbytes())
-        if self.reserved + reserve > self.capacity:
-            self.num_ooms += 1
-            raise torch.OutOfMemoryError(
-                # Worded as CUDA's own message, so other tools' OOM checks recognise it too.
-                f"CUDA out of memory. Tried to allocate {alloc} bytes with {self.reserved} of "
-                f"{self.capacity} bytes reserved (simulated device)"
-            )
-        self._live[key] = (alloc, reserve)
-        self.allocated += alloc
-        self.reserved += reserve
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        # CUDA hands out no block for an empty storage.
+        self._live[key] = self._malloc(storage.nbytes()) if storage.nbytes() else None
         weakref.finalize(storage, self._free, key)
 
     def is_tracked(self, tensor: torch.Tensor) -> bool:
         return id(tensor.untyped_storage()) in self._live
 
     def _free(self, key: int) -> None:
-        alloc, reserve = self._live.pop(key, (0, 0))
-        self.allocated -= alloc
-        self.reserved -= reserve
+        block = self._live.pop(key, None)
+        if block is not None:
+            self.allocator.free(block)
 
     def reset_peak(self) -> None:
-        self.peak_allocated = self.allocated
-        self.peak_reserved = self.reserved
+        self.allocator.reset_peaks()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        # Outputs that alias an input (views, in-place ops) allocate nothing; skipping them also
-        # keeps views of tensors made before tracking (a dataset in host memory) off the device.
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        out = func(*args, **(kwargs or {}))
-        for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor) and id(item.untyped_storage()) not in inputs:
-                self.track(item)
-        return out
+        return _run_tracking_new(func, args, kwargs, self.track)
+
+
+class AllocationWatch(TorchDispatchMode):
+    """The largest single allocation while active: what the limit model needs from a real GPU.
+
+    The caching allocator's statistics have no such figure; a huge request (GPT-2's fp32
+    logits) can fail while gigabytes lie free in smaller holes, so predict_limit uses it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return _run_tracking_new(func, args, kwargs, self._see)
+
+    def _see(self, tensor: torch.Tensor) -> None:
+        self.largest = max(self.largest, round_size(tensor.untyped_storage().nbytes()))
+
+
+def _run_tracking_new(func: Any, args: Any, kwargs: Any, on_new: Any) -> Any:
+    """Run `func`, calling `on_new` on each output whose storage is new.
+
+    Outputs that alias an input (views, in-place ops) allocate nothing; skipping them also
+    keeps views of tensors made before tracking (a dataset in host memory) off the device.
+    """
+    inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+    out = func(*args, **(kwargs or {}))
+    for item in tree_flatten(out)[0]:
+        if isinstance(item, torch.Tensor) and id(item.untyped_storage()) not in inputs:
+            on_new(item)
+    return out
+
+
+def _fused_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Dropout as CUDA runs it: `native_dropout`, which saves a bool mask for backward.
+
+    CPU's dropout multiplies by a noise tensor of the input's dtype and saves that (2-4x
+    the bytes). ATen takes the fused kernel for CUDA tensors with 0 < p < 1 (Dropout.cpp).
+    """
+    if not training or not 0 < p < 1 or input.numel() == 0:
+        return torch.nn.functional.dropout(input, p, training, inplace)
+    out = torch.native_dropout(input, p, True)[0]
+    return input.copy_(out) if inplace else out
 
 
 class CudaKernelRouting(TorchFunctionMode):
-    """Route attention to the kernel whose memory CUDA would show.
+    """Route dropout and attention to the kernels whose memory CUDA would show.
 
     CUDA's flash and memory-efficient SDPA kernels keep O(T) state with or without
     dropout (a Philox seed, not a mask). CPU flash refuses dropout, and the math
@@ -104,6 +134,8 @@ class CudaKernelRouting(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.nn.functional.dropout:
+            return _fused_dropout(*args, **kwargs)
         if func is torch.nn.functional.scaled_dot_product_attention:
             if len(args) > 4:
                 args = (*args[:4], 0.0, *args[5:])

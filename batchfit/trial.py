@@ -6,6 +6,7 @@ trial did to it (optimizer steps move weights, BatchNorm updates running statist
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import statistics
 import traceback
@@ -170,6 +171,8 @@ def run_trial(
         # Host time under fake tensors is no GPU's step time; report none rather than a wrong one.
         seconds_per_step=statistics.median(times) if ok and times and device.real_timing else None,
         alloc_retries=measurement.alloc_retries,
+        largest_alloc=measurement.largest_alloc if ok else 0,
+        peak_inactive_split=measurement.peak_inactive_split if ok else 0,
     )
 
 
@@ -198,17 +201,18 @@ def _train(
     batch = workload.batch(device, batch_size)
     optimizer = workload.make_optimizer(params)
     amp = workload.amp_dtype
-    for _ in range(steps):
+    for step in range(steps):
         start = devices.timer()
-        with torch.autocast(device.autocast_type, dtype=amp, enabled=amp is not None):
-            output = _call(workload.model, held, batch)
-            loss = workload.loss_fn(output, batch)
-        del output
-        loss.backward()
-        del loss
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        device.synchronize()
+        with device.first_step(measurement) if step == 0 else contextlib.nullcontext():
+            with device.autocast(amp):
+                output = _call(workload.model, held, batch)
+                loss = workload.loss_fn(output, batch)
+            del output
+            loss.backward()
+            del loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            device.synchronize()
         measurement.step_seconds.append(devices.timer() - start)
 
 

@@ -125,7 +125,9 @@ class Bench:
         torch.manual_seed(0)
         model, sample, loss_fn = self.case.make()
         if self.case.capacity:
-            device: Device = SimulatedDevice(batchfit.parse_size(self.case.capacity), compute="real")
+            # Cards of tens of MiB: too small to hold Hopper's 65 MiB of cuBLAS workspaces.
+            capacity = batchfit.parse_size(self.case.capacity)
+            device: Device = SimulatedDevice(capacity, compute="real", workspaces=())
         else:
             device = CudaDevice()
         self.ooms_before = device.num_ooms()  # CUDA's count is per process; count from here

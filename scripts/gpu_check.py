@@ -1,18 +1,24 @@
 """One prepared GPU check: probe, exact limit, offline estimate and 50 real steps, per model.
 
-On a CUDA GPU (issues 2 and 3): ResNet-50 fp32 SGD and GPT-2 (config only, seq 1024, bf16,
-AdamW). For each: the probe's time, trials, OOMs and answer; the simulated estimate for the same
-capacity; 50 training steps at the recommendation (survived? peak reserved over capacity); the
-exact limit by bisection. A short table is printed last; --out writes JSON after every model.
+On a CUDA GPU: ResNet-50 fp32 SGD and GPT-2 (seq 1024, bf16, AdamW), which the calibration data
+in tests/data/calibration already holds, then ViT-B/16 and BERT-base, which it does not. For
+each: the probe's time, trials, OOMs and answer; its predicted limit (`predict_limit` on the
+trials before its first OOM) against the exact limit by bisection; the simulated estimate for the
+same capacity (per sample allocated, predicted limit); 50 training steps at the recommendation.
+A short table is printed last. --out DIR writes gpu_check.json after every model and each
+probe's trace (Result.to_dict() with per-trial largest allocation, fragmentation and retries,
+plus the exact limit) as trace_<model>.json: the format of tests/data/calibration, so each GPU
+run can be added there.
 
-    python scripts/gpu_check.py --budget-s 480 --out $OUT/gpu_check.json
-    python scripts/gpu_check.py --smoke        # the same script on CPU, small models, simulated capacity
+    python scripts/gpu_check.py --budget-s 420 --out $OUT
+    python scripts/gpu_check.py --smoke --out /tmp/gc   # the same script on CPU, small models
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +33,12 @@ import batchfit
 from batchfit.devices import SimulatedDevice
 
 
-def run_case(case: Case, suite: str, steps: int, deadline: float) -> dict[str, Any]:
+def _before_first_oom(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cut = next((i for i, t in enumerate(trials) if t["status"] != "fitted"), len(trials))
+    return trials[:cut]
+
+
+def run_case(case: Case, suite: str, steps: int, deadline: float, out: Path | None) -> dict[str, Any]:
     bench = Bench(case, suite)
     row: dict[str, Any] = {"model": case.name}
     model, sample, loss_fn, device = bench.fresh()
@@ -35,25 +46,33 @@ def run_case(case: Case, suite: str, steps: int, deadline: float) -> dict[str, A
     start = time.perf_counter()
     result = batchfit.find_batch_size(model, sample, device=device, **common)
     print(result, flush=True)
+    trace = {"model": case.name, "torch": torch.__version__, **result.to_dict()}
+    trials = trace["trials"]
     row.update(
         probe_s=time.perf_counter() - start,
         trials=len(result.trials),
         oom_trials=sum(not t.ok for t in result.trials),
         recommended=result.recommended_batch_size,
         predicted_limit=result.predicted_limit,
-        per_sample_mib=(result.per_sample_bytes or 0) / 2**20,
+        predicted_below=batchfit.predict_limit(_before_first_oom(trials), result.capacity_bytes)
+        if len({t["batch_size"] for t in _before_first_oom(trials)}) >= 2
+        else None,
+        alloc_mib=(result.per_sample_allocated_bytes or 0) / 2**20,
         knee=result.throughput_knee,
         device=result.device,
     )
     if time.perf_counter() < deadline:
         estimate = batchfit.find_batch_size(model, sample, device=SimulatedDevice(device.capacity), **common)
-        row.update(est_limit=estimate.predicted_limit, est_per_sample_mib=(estimate.per_sample_bytes or 0) / 2**20)
+        row.update(est_limit=estimate.predicted_limit, est_alloc_mib=(estimate.per_sample_allocated_bytes or 0) / 2**20)
     if time.perf_counter() < deadline:
         row["steps_ok"], row["steps_peak_frac"] = bench.survive(result.recommended_batch_size, steps)
     if time.perf_counter() < deadline:
         start = time.perf_counter()
-        row["exact_limit"] = bench.exact()
+        row["exact_limit"] = trace["exact_limit"] = bench.exact()
         row["exact_s"] = time.perf_counter() - start
+    if out is not None:
+        slug = re.sub(r"[^a-z0-9]+", "_", case.name.lower()).strip("_")[:40]
+        (out / f"trace_{slug}.json").write_text(json.dumps(trace, indent=2, default=str) + "\n")
     return row
 
 
@@ -62,23 +81,34 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=480, help="start no new phase after this")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--smoke", action="store_true", help="CPU run with small models (checks the script)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="folder for gpu_check.json and the traces")
     args = parser.parse_args()
     deadline = time.perf_counter() + args.budget_s
     suite = "smoke" if args.smoke else "gpu"
-    cases = SUITES[suite][:1] if args.smoke else [c for c in SUITES["gpu"] if c.name.startswith(("ResNet", "GPT"))]
+    order = ("ResNet", "GPT", "ViT", "BERT")  # calibrated models first, then two new ones
+    cases = (
+        SUITES[suite][:1]
+        if args.smoke
+        else sorted(
+            (c for c in SUITES["gpu"] if c.name.startswith(order)),
+            key=lambda c: next(i for i, prefix in enumerate(order) if c.name.startswith(prefix)),
+        )
+    )
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in cases:
         if time.perf_counter() > deadline:
             rows.append({"model": case.name, "skipped": "time budget"})
             continue
         try:
-            rows.append(run_case(case, suite, args.steps, deadline))
+            rows.append(run_case(case, suite, args.steps, deadline, out))
         except Exception as error:  # one failing case must not hide the others' numbers
             rows.append({"model": case.name, "error": f"{type(error).__name__}: {error}"[:300]})
-        if args.out:
-            with open(args.out, "w") as handle:
-                json.dump({"torch": torch.__version__, "rows": rows}, handle, indent=2, default=str)
+        if out is not None:
+            summary = {"torch": torch.__version__, "rows": rows}
+            (out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"\ntorch {torch.__version__}; device: {rows[0].get('device', '?')}")
     cols = [
         "model",
@@ -87,10 +117,11 @@ def main() -> None:
         "oom_trials",
         "recommended",
         "predicted_limit",
+        "predicted_below",
         "exact_limit",
         "est_limit",
-        "per_sample_mib",
-        "est_per_sample_mib",
+        "alloc_mib",
+        "est_alloc_mib",
         "steps_ok",
         "steps_peak_frac",
         "knee",

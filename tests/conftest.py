@@ -6,6 +6,17 @@ import pytest
 import torch
 from torch import nn
 
+from batchfit.gpus import HOPPER_WORKSPACES
+
+# A simulated card holds the cuBLAS workspaces (65 MiB, Hopper's) before any tensor.
+WORKSPACES = sum(HOPPER_WORKSPACES)
+
+
+def card(mib: int) -> int:
+    """Bytes of a simulated card whose 80% budget leaves 0.8 × `mib` MiB beside the workspaces."""
+    return mib * 2**20 + int(WORKSPACES / 0.8)
+
+
 # The keys Result.to_dict() and the CLI's --json share (issue 2).
 RESULT_KEYS = (
     "recommended_batch_size",

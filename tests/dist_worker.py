@@ -46,7 +46,7 @@ def main() -> int:
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
     if rank == fail_rank:
         model[2] = nn.Linear(128, 256)  # a shape bug on this rank only
-    device = batchfit.SimulatedDevice(capacities[rank] * 2**20)
+    device = batchfit.SimulatedDevice(capacities[rank] * 2**20, workspaces=())  # cards of a few MiB: no room for them
     try:
         result = batchfit.find_batch_size(
             model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import card
 from torch import nn
 
 
@@ -37,7 +38,7 @@ def test_lightning_callback_sets_batch_size_and_lr(tmp_path):
     torch.manual_seed(0)
     module = Module()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    callback = BatchfitCallback(memory="8MiB")
+    callback = BatchfitCallback(memory=card(8))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -84,7 +85,7 @@ def test_hf_trainer_args_are_set_and_train(tmp_path):
         save_strategy="no",
         logging_strategy="no",
     )
-    result = fit_training_args(args, model, train_dataset=dataset, memory="12MiB", target_global_batch=64)
+    result = fit_training_args(args, model, train_dataset=dataset, memory=card(12), target_global_batch=64)
     assert args.per_device_train_batch_size == result.recommended_batch_size
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 64
     assert args.gradient_accumulation_steps > 1  # 64 per step does not fit in 12 MiB
