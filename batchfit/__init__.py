@@ -7,7 +7,18 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # type checkers see the real names; at run time they load on first use
+    from batchfit.config import ProbeConfig
+    from batchfit.devices import CudaDevice, Device, SimulatedDevice, device_kind
+    from batchfit.limit import predict_limit
+    from batchfit.lr import LRScaling, scale_lr
+    from batchfit.memory import format_size, parse_size
+    from batchfit.noise import NoiseScale, noise_scale
+    from batchfit.probe import find_batch_size, preflight
+    from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
+    from batchfit.trial import TrialError
 
 try:
     __version__ = version("batchfit")
@@ -15,10 +26,10 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0"
 
 _EXPORTS = {
-    "CheckResult": "batchfit.probe",
+    "CheckResult": "batchfit.result",
     "CudaDevice": "batchfit.devices",
     "Device": "batchfit.devices",
-    "DoesNotFitError": "batchfit.probe",
+    "DoesNotFitError": "batchfit.result",
     "LRScaling": "batchfit.lr",
     "NoiseScale": "batchfit.noise",
     "ProbeConfig": "batchfit.config",
@@ -26,6 +37,7 @@ _EXPORTS = {
     "SimulatedDevice": "batchfit.devices",
     "Trial": "batchfit.result",
     "TrialError": "batchfit.trial",
+    "device_kind": "batchfit.devices",
     "find_batch_size": "batchfit.probe",
     "format_size": "batchfit.memory",
     "noise_scale": "batchfit.noise",
@@ -35,7 +47,28 @@ _EXPORTS = {
     "scale_lr": "batchfit.lr",
 }
 
-__all__ = ("__version__", *sorted(_EXPORTS))
+__all__ = (
+    "CheckResult",
+    "CudaDevice",
+    "Device",
+    "DoesNotFitError",
+    "LRScaling",
+    "NoiseScale",
+    "ProbeConfig",
+    "Result",
+    "SimulatedDevice",
+    "Trial",
+    "TrialError",
+    "__version__",
+    "device_kind",
+    "find_batch_size",
+    "format_size",
+    "noise_scale",
+    "parse_size",
+    "predict_limit",
+    "preflight",
+    "scale_lr",
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -15,11 +15,9 @@ from typing import Any
 
 import click
 
-from batchfit.gpus import (  # torch-free, like memory: `batchfit --help` must not import torch
-    CUDA_CONTEXT_BYTES,
-    HOPPER_WORKSPACES,
-    find_gpu,
-)
+# torch-free, like memory: `batchfit --help` must not import torch
+from batchfit.config import LR_RULES, OBJECTIVES, PRECISIONS, check_device_name
+from batchfit.gpus import find_gpu
 from batchfit.memory import parse_size
 
 EXIT_DOES_NOT_FIT = 1
@@ -68,7 +66,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="One sample's shape (image models; default 3,224,224).",
         ),
         click.option("--seq-len", type=click.IntRange(min=1), help="Sequence length (transformers)."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
         click.option(
             "--optimizer",
             type=click.Choice(["sgd", "adamw", "adam"]),
@@ -89,7 +87,13 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--gpu", callback=_converting(find_gpu), metavar="NAME", help="Plan for a known card (batchfit gpus)."
         ),
-        click.option("--device", "device_name", metavar="DEV", help="cuda, cuda:1, or simulated."),
+        click.option(
+            "--device",
+            "device_name",
+            metavar="DEV",
+            callback=_converting(check_device_name),
+            help="cuda, cuda:N, simulated (offline estimate) or cpu (simulated, real CPU arithmetic).",
+        ),
         click.option(
             "--base-lr",
             type=click.FloatRange(min=0, min_open=True),
@@ -98,7 +102,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--base-batch-size", type=click.IntRange(min=1)),
         click.option(
             "--lr-rule",
-            type=click.Choice(["auto", "linear", "sqrt", "noise"]),
+            type=click.Choice(LR_RULES),
             default="auto",
             show_default=True,
         ),
@@ -123,10 +127,10 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Run:
-    """The pieces every command needs, built from the shared options."""
+    """The pieces every command needs, built from the shared options: one ProbeConfig, a model."""
 
-    def __init__(self, opts: dict[str, Any], *, simulate: bool) -> None:
-        from batchfit import devices
+    def __init__(self, opts: dict[str, Any], *, simulate: bool, **extra: Any) -> None:
+        import batchfit
         from batchfit.models import OPTIMIZERS, build
 
         if not opts["model_name"]:
@@ -140,54 +144,41 @@ class Run:
         self.quiet = opts["quiet"] or not self.main_rank
         self.live = not self.quiet and sys.stderr.isatty()
         self.optimizer = OPTIMIZERS[opts["optimizer"]]
-        capacity = opts["memory"] or (opts["gpu"].usable_bytes if opts["gpu"] else None)
-        label = opts["gpu"].name if opts["gpu"] else None
-        wanted = opts["device_name"]
-        if wanted and wanted != "simulated" and not wanted.startswith("cuda"):
-            raise click.BadParameter(f"{wanted!r} is not cuda, cuda:N or simulated", param_hint="--device")
-        use_cuda = not simulate and wanted != "simulated" and (wanted or devices.cuda_available())
-        if use_cuda and not devices.cuda_available():
-            raise click.BadParameter(f"{wanted!r} was asked for, but torch sees no CUDA GPU", param_hint="--device")
-        if use_cuda:
-            # Resolved inside the probe, after torch.distributed has pinned this rank's GPU.
-            self.device: Any = wanted or "cuda"
-            self.where = self.device + (f", capped at {capacity / 1024**3:.1f} GiB" if capacity else "")
-        else:
-            if capacity is None:
-                capacity = devices.host_available_memory()
-                label = "this machine's free RAM"
-                self.say(
-                    f"no CUDA GPU here: simulating a GPU the size of this machine's free RAM "
-                    f"({capacity / 1024**3:.1f} GiB); use --gpu NAME or --memory SIZE to plan for a GPU"
-                )
-            card = opts["gpu"]
-            self.device = devices.SimulatedDevice(
-                capacity,
-                name=label,
-                # Without a card named, Hopper's workspaces: the largest default, so never optimistic.
-                workspaces=card.workspaces if card else HOPPER_WORKSPACES,
-                context_bytes=CUDA_CONTEXT_BYTES if card else None,
+        try:
+            self.config = batchfit.ProbeConfig(
+                margin=opts["margin"],
+                memory=opts["memory"],
+                gpu=opts["gpu"].name if opts["gpu"] else None,
+                precision=None if opts["precision"] == "fp32" else opts["precision"],
+                base_lr=opts["base_lr"],
+                base_batch_size=opts["base_batch_size"],
+                lr_rule=opts["lr_rule"],
+                noise_scale=opts["noise_scale"],
+                exact=opts["exact"],
+                target_global_batch=opts["target_global_batch"],
+                **extra,
             )
-            self.where = self.device.description
-            capacity = None  # the simulated device carries it
+            # The CUDA device itself is resolved inside the probe, after torch.distributed has
+            # pinned this rank's GPU; here only where it will run, to build the model for it.
+            self.device: str | None = "simulated" if simulate else opts["device_name"]
+            kind = batchfit.device_kind(self.device)
+        except ValueError as error:
+            raise click.UsageError(str(error)) from None
         try:
             # The simulated device reads only shapes: build its models on the meta device.
             self.spec = build(
-                opts["model_name"], input_shape=opts["input_shape"], seq_len=opts["seq_len"], on_meta=not use_cuda
+                opts["model_name"],
+                input_shape=opts["input_shape"],
+                seq_len=opts["seq_len"],
+                on_meta=kind == "simulated",
             )
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--model") from None
-        self.options = {
-            "margin": opts["margin"],
-            "memory": capacity,
-            "precision": None if opts["precision"] == "fp32" else opts["precision"],
-            "base_lr": opts["base_lr"],
-            "base_batch_size": opts["base_batch_size"],
-            "lr_rule": opts["lr_rule"],
-            "noise_scale": opts["noise_scale"],
-            "exact": opts["exact"],
-            "target_global_batch": opts["target_global_batch"],
-        }
+
+    def on_start(self, device: Any) -> None:
+        self.say(f"probing {self.spec.description} on {device.description}")
+        if device.caveat:
+            self.say(device.caveat)
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -221,11 +212,9 @@ def _emit_json(data: dict[str, Any], path: str | None) -> None:
 
 
 def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -> None:
-    from batchfit.probe import DoesNotFitError, find_batch_size
-    from batchfit.trial import TrialError
+    from batchfit import DoesNotFitError, TrialError, find_batch_size
 
-    run = Run(opts, simulate=simulate)
-    run.say(f"probing {run.spec.description} on {run.where}")
+    run = Run(opts, simulate=simulate, objective=objective)
     try:
         result = find_batch_size(
             run.spec.model,
@@ -233,10 +222,10 @@ def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -
             optimizer=run.optimizer,
             loss_fn=run.spec.loss_fn,
             device=run.device,
+            config=run.config,
+            on_start=run.on_start,
             on_trial=run.on_trial,
             on_trial_start=run.on_trial_start,
-            objective=objective,
-            **run.options,
         )
     except DoesNotFitError as error:
         click.echo(f"error: {error}", err=True)
@@ -280,7 +269,7 @@ def main(verbose: bool) -> None:
 @model_options
 @click.option(
     "--objective",
-    type=click.Choice(["memory", "throughput", "goodput"]),
+    type=click.Choice(OBJECTIVES),
     default="memory",
     show_default=True,
     help="What the recommendation maximises.",
@@ -311,11 +300,9 @@ def estimate(**opts: Any) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), required=True, help="The batch size to check.")
 def check(batch_size: int, **opts: Any) -> None:
     """Pre-flight: exit 0 if BATCH_SIZE trains within the margin, 1 if not, 2 on bad input."""
-    from batchfit.probe import DoesNotFitError, preflight
-    from batchfit.trial import TrialError
+    from batchfit import DoesNotFitError, TrialError, preflight
 
     run = Run(opts, simulate=False)
-    options = {k: v for k, v in run.options.items() if k in ("margin", "precision", "memory")}
     try:
         result = preflight(
             run.spec.model,
@@ -324,7 +311,8 @@ def check(batch_size: int, **opts: Any) -> None:
             optimizer=run.optimizer,
             loss_fn=run.spec.loss_fn,
             device=run.device,
-            **options,
+            config=run.config,
+            on_start=run.on_start,
         )
         code = 0
     except DoesNotFitError as error:
@@ -372,7 +360,7 @@ def gpus(as_json: bool) -> None:
 @click.option("--base-lr", type=click.FloatRange(min=0, min_open=True), required=True)
 @click.option("--base-batch-size", type=click.IntRange(min=1), required=True)
 @click.option("--batch-size", type=click.IntRange(min=1), required=True)
-@click.option("--rule", type=click.Choice(["auto", "linear", "sqrt", "noise"]), default="auto", show_default=True)
+@click.option("--rule", type=click.Choice(LR_RULES), default="auto", show_default=True)
 @click.option("--optimizer", help="Optimizer name (sgd, adamw, lamb, …): picks the auto rule.")
 @click.option("--noise-scale", type=click.FloatRange(min=0, min_open=True), help="Gradient noise scale φ.")
 @click.option("--json", "json_path", metavar="PATH", help="Write the answer as JSON ('-': stdout).")

@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
+from batchfit.gpus import Gpu, find_gpu
 from batchfit.memory import parse_size
 
-PRECISIONS = (None, "fp32", "bf16", "fp16")
-ROUNDINGS = ("pow2", "mult8", "none")
-LR_RULES = ("auto", "linear", "sqrt", "noise")
-OBJECTIVES = ("memory", "throughput", "goodput")
+# The closed choices, defined once: ProbeConfig validates against them and the CLI builds its
+# click.Choice options from them.
+Precision = Literal["fp32", "bf16", "fp16"]
+Rounding = Literal["pow2", "mult8", "none"]
+LrRule = Literal["auto", "linear", "sqrt", "noise"]
+Objective = Literal["memory", "throughput", "goodput"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+ROUNDINGS: tuple[str, ...] = get_args(Rounding)
+LR_RULES: tuple[str, ...] = get_args(LrRule)
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+# Where trials run: 'cuda' / 'cuda:N' a real GPU, 'simulated' the offline estimate (fake tensors),
+# 'cpu' the simulated device with real CPU arithmetic (real step times).
+DEVICE_NAMES = ("cuda", "cuda:N", "simulated", "cpu")
+_DEVICE_RE = re.compile(r"^(cuda(:\d+)?|simulated|cpu)$")
+
+
+def check_device_name(name: str) -> str:
+    """`name` if it names a device batchfit can run on, else a ValueError listing them."""
+    if not isinstance(name, str) or not _DEVICE_RE.match(name):
+        raise ValueError(f"device={name!r} is not one of {', '.join(DEVICE_NAMES)} (or a batchfit Device)")
+    return name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,23 +43,26 @@ class ProbeConfig:
     """Optimizer steps per trial; the first step has no optimizer state yet, so at least two."""
     max_batch_size: int | None = None
     """Never try or recommend a batch larger than this (e.g. the dataset size)."""
-    rounding: str = "pow2"
+    rounding: Rounding = "pow2"
     """How the recommendation is rounded down: 'pow2', 'mult8' or 'none'."""
     exact: bool = False
     """Also bisect to the exact largest batch that runs (more trials, some of them OOM)."""
-    precision: str | None = None
+    precision: Precision | None = None
     """None/'fp32', 'bf16' or 'fp16': mixed precision through torch.autocast."""
     memory: int | str | None = None
     """Capacity to plan for, e.g. '24GiB': caps the CUDA allocator, or sizes the simulated device."""
+    gpu: str | None = None
+    """A card to plan for by name (batchfit gpus): its usable memory, and on the simulated device
+    its cuBLAS workspaces and CUDA context."""
     base_lr: float | None = None
     """Learning rate that worked at `base_batch_size`; scaled to the recommendation."""
     base_batch_size: int | None = None
     """Batch size `base_lr` belongs to."""
-    lr_rule: str = "auto"
+    lr_rule: LrRule = "auto"
     """'linear', 'sqrt', 'noise' or 'auto' (by optimizer family)."""
     noise_scale: float | None = None
     """Gradient noise scale B_simple, if known: enables the noise-aware rule and goodput."""
-    objective: str = "memory"
+    objective: Objective = "memory"
     """What the recommendation maximises: 'memory' (largest safe), 'throughput', 'goodput'."""
     target_global_batch: int | None = None
     """Global batch to reach (per-device × ranks × accumulation); sets the accumulation steps."""
@@ -60,10 +83,14 @@ class ProbeConfig:
             raise ValueError(f"max_batch_size={self.max_batch_size!r} must be a positive integer")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding={self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not one of fp32, bf16, fp16")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.memory is not None:
             parse_size(self.memory)
+        if self.gpu is not None:
+            find_gpu(self.gpu)
+            if self.memory is not None:
+                raise ValueError(f"give memory= or gpu=, not both (memory={self.memory!r}, gpu={self.gpu!r})")
         if self.base_lr is not None and not (
             isinstance(self.base_lr, (int, float)) and math.isfinite(self.base_lr) and self.base_lr > 0
         ):
@@ -86,8 +113,15 @@ class ProbeConfig:
             raise ValueError("objective='goodput' needs noise_scale (the gradient noise scale)")
 
     @property
+    def card(self) -> Gpu | None:
+        return None if self.gpu is None else find_gpu(self.gpu)
+
+    @property
     def capacity_bytes(self) -> int | None:
-        return None if self.memory is None else parse_size(self.memory)
+        """Bytes to plan for: `memory`, or the named card's usable memory, or None (the device's own)."""
+        if self.memory is not None:
+            return parse_size(self.memory)
+        return self.card.usable_bytes if self.card else None
 
     @property
     def amp_dtype(self) -> object:

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from batchfit.autocast import CudaAutocastPolicy
-from batchfit.gpus import HOPPER_WORKSPACES
+from batchfit.config import ProbeConfig, check_device_name
+from batchfit.gpus import CUDA_CONTEXT_BYTES, HOPPER_WORKSPACES
 from batchfit.memory import format_size
 from batchfit.tracker import AllocationWatch, CudaKernelRouting, MemoryTracker
 
@@ -51,6 +52,8 @@ class Device:
     torch_device: torch.device = torch.device("cpu")
     notes: tuple[str, ...] = ()
     """What the measurements leave out or assume, said beside every result from this device."""
+    caveat: str | None = None
+    """What the user must hear before the probe starts (e.g. that no GPU was found)."""
 
     @property
     def autocast_type(self) -> str:
@@ -195,6 +198,7 @@ class SimulatedDevice(Device):
         name: str | None = None,
         workspaces: tuple[int, ...] = HOPPER_WORKSPACES,
         context_bytes: int | None = None,
+        notes: tuple[str, ...] = (),
     ) -> None:
         if compute not in ("fake", "real"):
             raise ValueError(f"compute={compute!r} is not one of 'fake', 'real'")
@@ -212,18 +216,18 @@ class SimulatedDevice(Device):
         kind = "estimate, no real compute" if compute == "fake" else "real CPU compute"
         self.description = f"simulated {label} GPU ({kind})"
         source = "measured on an H200, torch 2.11" if workspaces == HOPPER_WORKSPACES else "torch's default"
-        notes = ["simulated device: memory is an estimate from a model of CUDA's caching allocator"]
+        extra = ["simulated device: memory is an estimate from a model of CUDA's caching allocator"]
         if workspaces:
-            notes.append(
+            extra.append(
                 f"fixed memory no tensor shows is added: {format_size(sum(workspaces))} of cuBLAS/cuBLASLt "
                 f"workspaces ({source}); cuDNN's per-call workspaces are not modelled"
             )
         if context_bytes:
-            notes.append(
+            extra.append(
                 f"capacity is the card's total less {format_size(context_bytes)} of CUDA context, which "
                 "lives outside the caching allocator (measured on Hopper cards, CUDA 12)"
             )
-        self.notes = tuple(notes)
+        self.notes = (*notes, *extra)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -330,6 +334,59 @@ class SimulatedDevice(Device):
 
     def num_ooms(self) -> int:
         return self.tracker.allocator.num_ooms
+
+
+def device_kind(device: str | None) -> str:
+    """'cuda', 'simulated' or 'cpu': where a probe asked for `device` would run, without starting it.
+
+    None means the CUDA GPU when torch sees one, else the simulated device. Asking for CUDA
+    where there is none is a ValueError, before any model is built.
+    """
+    if device is None:
+        return "cuda" if cuda_available() else "simulated"
+    check_device_name(device)
+    if device.startswith("cuda"):
+        if not cuda_available():
+            raise ValueError(f"device={device!r} was asked for, but torch sees no CUDA GPU")
+        return "cuda"
+    return device
+
+
+def resolve_device(device: Device | str | None, config: ProbeConfig) -> Device:
+    """The Device a probe runs on, from what the user passed; the one place this is decided.
+
+    None picks the current CUDA GPU when there is one, else the simulated device, sized by
+    `config.memory` or `config.gpu`, or by this machine's free RAM when neither is given.
+    'cuda[:N]' is a real GPU (capped at the planned capacity), 'simulated' the offline
+    estimate, 'cpu' the simulated device with real CPU arithmetic.
+    """
+    if isinstance(device, Device):
+        return device
+    capacity, card = config.capacity_bytes, config.card
+    kind = device_kind(device)
+    if kind == "cuda":
+        return CudaDevice(int(device.split(":", 1)[1]) if device and ":" in device else None, capacity)
+    if capacity is None:
+        if device is None:
+            free = host_available_memory()
+            caveat = (
+                f"no CUDA GPU here: simulating a GPU the size of this machine's free RAM ({format_size(free)}); "
+                "use --gpu NAME or --memory SIZE (gpu=, memory=) to plan for a GPU"
+            )
+            fallback = SimulatedDevice(free, name="this machine's free RAM", notes=(caveat,))
+            fallback.caveat = caveat
+            return fallback
+        raise ValueError(
+            f"device={device!r} needs a capacity: pass memory='24GiB' or gpu='A10G' (no CUDA GPU to measure)"
+        )
+    return SimulatedDevice(
+        capacity,
+        compute="fake" if kind == "simulated" else "real",
+        name=card.name if card else None,
+        # Without a card named, Hopper's workspaces: the largest default, so never optimistic.
+        workspaces=card.workspaces if card else HOPPER_WORKSPACES,
+        context_bytes=CUDA_CONTEXT_BYTES if card else None,
+    )
 
 
 def gpu_name(index: int) -> str:

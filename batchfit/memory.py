@@ -68,6 +68,11 @@ def format_size(nbytes: float) -> str:
     return f"{sign}{n:.2f} TiB"
 
 
+def budget(capacity: float, margin: float) -> int:
+    """Bytes a recommendation may peak at: (1 - margin) of capacity, whole bytes (rounded down)."""
+    return math.floor((1 - margin) * capacity)
+
+
 @dataclass(frozen=True)
 class MemoryLine:
     """Peak memory as `fixed + per_sample × B`, fitted on measured trials."""

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from batchfit.trial import ModelSnapshot
+from batchfit.snapshot import ModelSnapshot
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from batchfit.memory import GIB
+from batchfit.memory import budget as memory_budget
 from batchfit.result import Result
-
-GIB = 1024**3
 
 
 def plot_result(result: Result, path: str, title: str = "") -> None:
@@ -41,7 +41,7 @@ def plot_result(result: Result, path: str, title: str = "") -> None:
         )
     ax.axhline(result.capacity_bytes / GIB, color="black", label="capacity")
     ax.axhline(
-        (1 - result.margin) * result.capacity_bytes / GIB,
+        memory_budget(result.capacity_bytes, result.margin) / GIB,
         color="orange",
         linestyle="--",
         label=f"budget ({1 - result.margin:.0%})",

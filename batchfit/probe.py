@@ -17,14 +17,16 @@ from torch import nn
 
 from batchfit import devices, distributed
 from batchfit.config import ProbeConfig
-from batchfit.devices import CudaDevice, Device, SimulatedDevice
+from batchfit.devices import Device
 from batchfit.lr import scale_lr
+from batchfit.memory import budget as memory_budget
 from batchfit.memory import format_size
+from batchfit.objective import goodput_batch_size, throughput_knee
 from batchfit.plan import plan_global_batch
-from batchfit.result import Result, Trial
+from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
 from batchfit.search import SearchOutcome, search
+from batchfit.snapshot import ModelSnapshot
 from batchfit.trial import (
-    ModelSnapshot,
     Workload,
     check_sample,
     default_loss,
@@ -34,36 +36,6 @@ from batchfit.trial import (
 )
 
 log = logging.getLogger(__name__)
-
-# Pollux (Qiao et al. 2021): the knee is the smallest batch within 95% of the best throughput.
-KNEE_FRACTION = 0.95
-
-
-class DoesNotFitError(RuntimeError):
-    """The batch (or any batch) does not train within the memory budget."""
-
-    def __init__(self, message: str, check: CheckResult | None = None) -> None:
-        super().__init__(message)
-        self.check = check
-
-
-def resolve_device(device: Device | str | None, memory: int | None) -> Device:
-    """A Device from what the user passed: None picks CUDA when present, else the simulation."""
-    if isinstance(device, Device):
-        return device
-    if device is None:
-        device = "cuda" if devices.cuda_available() else "simulated"
-    if not isinstance(device, str):
-        raise ValueError(f"device={device!r} must be 'cuda', 'cuda:N', 'simulated', 'cpu' or a Device")
-    if device.startswith("cuda"):
-        index = int(device.split(":", 1)[1]) if ":" in device else None
-        return CudaDevice(index, memory)
-    if device in ("simulated", "cpu"):
-        if memory is None:
-            raise ValueError(f"device={device!r} needs a capacity: pass memory='24GiB' (no CUDA GPU to measure)")
-        return SimulatedDevice(memory, compute="fake" if device == "simulated" else "real")
-    raise ValueError(f"device={device!r} is not 'cuda', 'cuda:N', 'simulated' or 'cpu'")
-
 
 def _has_batchnorm(model: nn.Module) -> bool:
     # BatchNorm cannot train on one example ("Expected more than 1 value per channel").
@@ -148,23 +120,24 @@ def find_batch_size(
     config: ProbeConfig | None = None,
     on_trial: Callable[[Trial], None] | None = None,
     on_trial_start: Callable[[int], None] | None = None,
+    on_start: Callable[[Device], None] | None = None,
     **options: Any,
 ) -> Result:
     """Find the largest batch that trains `model` within the memory budget, and its learning rate.
 
     `sample` is one example without a batch dimension (tensor, tuple/list or dict) or a
-    callable `batch_size -> batch`. Options are those of `ProbeConfig`; `on_trial_start(B)`
-    and `on_trial(trial)` report progress. Under
+    callable `batch_size -> batch`. Options are those of `ProbeConfig` (or pass `config=`);
+    `on_start(device)`, `on_trial_start(B)` and `on_trial(trial)` report progress. Under
     torch.distributed every rank probes its own device and all return the same answer.
     """
-    config = config or ProbeConfig(**options)
+    config = _config(config, options)
     group = distributed.setup(config.dist_timeout_s)
     if group is None:
-        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start)
+        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start)
         return _finish(local, config, optimizer, [])
     rank = distributed.rank(group)
     try:
-        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start)
+        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start)
         report = distributed.RankReport(rank, local.recommended_batch_size, local.device, local.capacity_bytes)
         failure: Exception | None = None
     except Exception as error:  # every rank must join the agreement, failed or not
@@ -177,6 +150,17 @@ def find_batch_size(
     return _finish(local, config, optimizer, reports)
 
 
+def _config(config: ProbeConfig | None, options: dict[str, Any]) -> ProbeConfig:
+    """One ProbeConfig from `config=` or from keyword options, never both (nothing dropped silently)."""
+    if config is None:
+        return ProbeConfig(**options)
+    if options:
+        raise TypeError(f"pass options inside config= or as keywords, not both (got config= and {sorted(options)})")
+    if not isinstance(config, ProbeConfig):
+        raise TypeError(f"config= must be a batchfit.ProbeConfig, got {type(config).__name__}")
+    return config
+
+
 def _probe_here(
     model: nn.Module,
     sample: Any,
@@ -186,9 +170,12 @@ def _probe_here(
     config: ProbeConfig,
     on_trial: Callable[[Trial], None] | None,
     on_trial_start: Callable[[int], None] | None = None,
+    on_start: Callable[[Device], None] | None = None,
 ) -> Result:
     """The probe on this process's device, before any agreement between ranks."""
-    dev = resolve_device(device, config.capacity_bytes)
+    dev = devices.resolve_device(device, config)
+    if on_start is not None:
+        on_start(dev)
     timer_start = devices.timer()
     with _held(model, sample, dev, optimizer, loss_fn, config, on_trial, on_trial_start) as probe:
         outcome = search(
@@ -246,7 +233,7 @@ def _finish(local: Result, config: ProbeConfig, optimizer: Any, reports: list[An
 
 
 def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elapsed: float) -> Result:
-    budget = (1 - config.margin) * dev.capacity
+    budget = memory_budget(dev.capacity, config.margin)
     within = [t for t in outcome.trials if t.ok and t.peak_reserved <= budget]
     knee = throughput_knee(within) if dev.real_timing else None
     goodput = goodput_batch_size(within, config.noise_scale) if dev.real_timing and config.noise_scale else None
@@ -294,78 +281,6 @@ def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elapsed: f
     )
 
 
-def throughput_knee(trials: list[Trial]) -> int | None:
-    """Smallest batch whose samples/s is within 95% of the best measured."""
-    rates = [(t.batch_size, t.samples_per_s) for t in trials if t.samples_per_s]
-    if not rates:
-        return None
-    best = max(r for _, r in rates)
-    return min(b for b, r in rates if r >= KNEE_FRACTION * best)
-
-
-def goodput_batch_size(trials: list[Trial], noise_scale: float) -> int | None:
-    """Batch maximising throughput × statistical efficiency (φ + B₀)/(φ + B) (Pollux).
-
-    B₀ only scales every candidate by the same constant, so it does not move the argmax.
-    """
-    rates = [(t.batch_size, t.samples_per_s) for t in trials if t.samples_per_s]
-    if not rates:
-        return None
-    return max(rates, key=lambda br: br[1] / (noise_scale + br[0]))[0]
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """Whether one batch size trains within the budget, measured by a real trial."""
-
-    batch_size: int
-    fits: bool
-    peak_reserved_bytes: int | None
-    budget_bytes: float
-    capacity_bytes: int
-    margin: float
-    device: str
-    largest_fitting: int | None = None
-
-    @property
-    def overshoot_bytes(self) -> float | None:
-        if self.peak_reserved_bytes is None:
-            return None
-        return self.peak_reserved_bytes - self.budget_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size,
-            "fits": self.fits,
-            "peak_reserved_bytes": self.peak_reserved_bytes,
-            "budget_bytes": self.budget_bytes,
-            "overshoot_bytes": self.overshoot_bytes,
-            "capacity_bytes": self.capacity_bytes,
-            "margin": self.margin,
-            "device": self.device,
-            "largest_fitting": self.largest_fitting,
-        }
-
-    def __str__(self) -> str:
-        if self.fits:
-            return (
-                f"batch_size={self.batch_size} fits: peak {format_size(self.peak_reserved_bytes or 0)} "
-                f"within {format_size(self.budget_bytes)} ({1 - self.margin:.0%} of "
-                f"{format_size(self.capacity_bytes)}) on {self.device}"
-            )
-        how = (
-            "runs out of memory"
-            if self.peak_reserved_bytes is None
-            else f"peaks at {format_size(self.peak_reserved_bytes)}, "
-            f"{format_size(self.overshoot_bytes or 0)} over the budget"
-        )
-        return (
-            f"batch_size={self.batch_size} does not fit: it {how} of {format_size(self.budget_bytes)} "
-            f"({1 - self.margin:.0%} of {format_size(self.capacity_bytes)}) on {self.device}; "
-            f"largest that fits: {self.largest_fitting}"
-        )
-
-
 def preflight(
     model: nn.Module,
     sample: Any,
@@ -374,6 +289,8 @@ def preflight(
     optimizer: Any = None,
     loss_fn: Callable[[Any, Any], Any] | None = None,
     device: Device | str | None = None,
+    config: ProbeConfig | None = None,
+    on_start: Callable[[Device], None] | None = None,
     **options: Any,
 ) -> CheckResult:
     """Check that `batch_size` trains within the budget on this device; raise DoesNotFitError if not.
@@ -383,9 +300,11 @@ def preflight(
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-    config = ProbeConfig(**options)
-    dev = resolve_device(device, config.capacity_bytes)
-    budget = (1 - config.margin) * dev.capacity
+    config = _config(config, options)
+    dev = devices.resolve_device(device, config)
+    if on_start is not None:
+        on_start(dev)
+    budget = memory_budget(dev.capacity, config.margin)
     with _held(model, sample, dev, optimizer, loss_fn, config, None) as probe:
         trial = probe.run(batch_size)
     fits = trial.ok and trial.peak_reserved <= budget
@@ -401,7 +320,7 @@ def preflight(
     if fits:
         return check
     try:
-        narrower = ProbeConfig(**{**options, "rounding": "none", "max_batch_size": batch_size - 1})
+        narrower = replace(config, rounding="none", max_batch_size=batch_size - 1)
         # This rank's own answer: a pre-flight check is per device, with no agreement between ranks.
         found = _probe_here(model, sample, optimizer, loss_fn, dev, narrower if batch_size > 1 else config, None)
         largest = found.recommended_batch_size

@@ -148,3 +148,63 @@ class Result:
         lines.extend(f"note: {n}" for n in self.notes)
         lines.append(f"elapsed: {self.elapsed_s:.1f} s")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Whether one batch size trains within the budget, measured by a real trial."""
+
+    batch_size: int
+    fits: bool
+    peak_reserved_bytes: int | None
+    budget_bytes: float
+    capacity_bytes: int
+    margin: float
+    device: str
+    largest_fitting: int | None = None
+
+    @property
+    def overshoot_bytes(self) -> float | None:
+        if self.peak_reserved_bytes is None:
+            return None
+        return self.peak_reserved_bytes - self.budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "fits": self.fits,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "budget_bytes": self.budget_bytes,
+            "overshoot_bytes": self.overshoot_bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "margin": self.margin,
+            "device": self.device,
+            "largest_fitting": self.largest_fitting,
+        }
+
+    def __str__(self) -> str:
+        if self.fits:
+            return (
+                f"batch_size={self.batch_size} fits: peak {format_size(self.peak_reserved_bytes or 0)} "
+                f"within {format_size(self.budget_bytes)} ({1 - self.margin:.0%} of "
+                f"{format_size(self.capacity_bytes)}) on {self.device}"
+            )
+        how = (
+            "runs out of memory"
+            if self.peak_reserved_bytes is None
+            else f"peaks at {format_size(self.peak_reserved_bytes)}, "
+            f"{format_size(self.overshoot_bytes or 0)} over the budget"
+        )
+        return (
+            f"batch_size={self.batch_size} does not fit: it {how} of {format_size(self.budget_bytes)} "
+            f"({1 - self.margin:.0%} of {format_size(self.capacity_bytes)}) on {self.device}; "
+            f"largest that fits: {self.largest_fitting}"
+        )
+
+
+class DoesNotFitError(RuntimeError):
+    """The batch (or any batch) does not train within the memory budget."""
+
+    def __init__(self, message: str, check: CheckResult | None = None) -> None:
+        super().__init__(message)
+        self.check = check

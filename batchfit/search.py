@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from batchfit.limit import FIT_MIN_BATCH, FIT_SPAN, fit_sizes, predict_limit
 from batchfit.memory import MemoryLine, fit_line, round_batch
+from batchfit.memory import budget as memory_budget
 from batchfit.result import Trial
 
 # A jump whose measured peak is this far from the line's prediction gets a second point
@@ -85,7 +86,7 @@ def search(
     upper bound, and every new trial refits the line, so the search converges from
     either side of a wrong prediction.
     """
-    budget = (1.0 - margin) * capacity
+    budget = memory_budget(capacity, margin)
     cap = max_batch_size or _UNBOUNDED
     trials: dict[int, Trial] = {}
     order: list[Trial] = []
