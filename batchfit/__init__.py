@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # type checkers see the real names; at run time they load on first use
     from batchfit.config import ProbeConfig
     from batchfit.devices import CudaDevice, Device, SimulatedDevice, device_kind
+    from batchfit.distributed import DistributedProbeError
     from batchfit.limit import predict_limit
     from batchfit.lr import LRScaling, scale_lr
     from batchfit.memory import format_size, parse_size
@@ -29,6 +30,7 @@ _EXPORTS = {
     "CheckResult": "batchfit.result",
     "CudaDevice": "batchfit.devices",
     "Device": "batchfit.devices",
+    "DistributedProbeError": "batchfit.distributed",
     "DoesNotFitError": "batchfit.result",
     "LRScaling": "batchfit.lr",
     "NoiseScale": "batchfit.noise",
@@ -51,6 +53,7 @@ __all__ = (
     "CheckResult",
     "CudaDevice",
     "Device",
+    "DistributedProbeError",
     "DoesNotFitError",
     "LRScaling",
     "NoiseScale",

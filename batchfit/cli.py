@@ -1,7 +1,8 @@
 """The `batchfit` command: parses options, calls the library, prints. Nothing else lives here.
 
-Exit codes: 0 success (and `check`: the batch fits), 1 it does not fit, 2 bad input,
-3 the model itself failed (a real bug, not memory).
+Exit codes, for every command: 0 success (and `check`: the batch fits), 1 it does not fit,
+2 bad input (checked before any probing wherever it can be), 3 the user's model or factory
+failed (a real bug, not memory), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
 # torch-free, like memory: `batchfit --help` must not import torch
-from batchfit.config import LR_RULES, OBJECTIVES, PRECISIONS, check_device_name
+from batchfit.config import LR_RULES, OBJECTIVES, PRECISIONS, ROUNDINGS, check_device_name
 from batchfit.gpus import find_gpu
 from batchfit.memory import parse_size
 
 EXIT_DOES_NOT_FIT = 1
+EXIT_BAD_INPUT = 2
 EXIT_MODEL_ERROR = 3
+EXIT_INTERRUPTED = 130  # the shell's convention: 128 + SIGINT
 
 
 def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -46,6 +50,30 @@ def _converting(convert: Callable[[str], Any]) -> Callable[[click.Context, click
             return convert(value)
         except ValueError as error:
             raise click.BadParameter(str(error)) from None
+
+    return callback
+
+
+def _output_path(*, stdout: bool, needs: str | None = None) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """Check an output path before any work: a file in an existing, writable folder."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None or (stdout and value == "-"):
+            return value
+        path = Path(value)
+        if path.is_dir():
+            raise click.BadParameter(f"{value!r} is a directory; give a file path")
+        folder = path.parent
+        if not folder.is_dir():
+            raise click.BadParameter(f"{value!r}: the folder {str(folder)!r} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise click.BadParameter(f"{value!r}: the folder {str(folder)!r} is not writable")
+        if needs is not None:
+            import importlib.util
+
+            if importlib.util.find_spec(needs) is None:
+                raise click.BadParameter(f"writing {value!r} needs {needs}: pip install 'batchfit[plot]'")
+        return value
 
     return callback
 
@@ -113,12 +141,31 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--exact", is_flag=True, help="Also bisect to the exact limit."),
         click.option(
+            "--rounding",
+            type=click.Choice(ROUNDINGS),
+            default="pow2",
+            show_default=True,
+            help="Round the answer down to a power of two, a multiple of 8, or not at all.",
+        ),
+        click.option(
             "--target-global-batch",
             type=click.IntRange(min=1),
             help="Global batch to reach with gradient accumulation (per device × ranks × steps).",
         ),
-        click.option("--json", "json_path", metavar="PATH", help="Write the result as JSON ('-': stdout)."),
-        click.option("--plot", "plot_path", metavar="PATH", help="Write a PNG of memory against batch size."),
+        click.option(
+            "--json",
+            "json_path",
+            metavar="PATH",
+            callback=_output_path(stdout=True),
+            help="Write the result as JSON ('-': stdout).",
+        ),
+        click.option(
+            "--plot",
+            "plot_path",
+            metavar="PATH",
+            callback=_output_path(stdout=False, needs="matplotlib"),
+            help="Write a PNG of memory against batch size to PATH.",
+        ),
         click.option("--quiet", "-q", is_flag=True, help="Print only the answer."),
     ]
     for option in reversed(options):
@@ -131,14 +178,14 @@ class Run:
 
     def __init__(self, opts: dict[str, Any], *, simulate: bool, **extra: Any) -> None:
         import batchfit
-        from batchfit.models import OPTIMIZERS, build
+        from batchfit.models import OPTIMIZERS, UserCodeError, build
 
         if not opts["model_name"]:
             raise click.UsageError("--model is required (see batchfit probe --list-models)")
         if opts["memory"] and opts["gpu"]:
             raise click.UsageError("give --memory or --gpu, not both")
-        if opts["base_batch_size"] and not opts["base_lr"]:
-            raise click.UsageError("--base-batch-size goes with --base-lr")
+        if bool(opts["base_batch_size"]) != bool(opts["base_lr"]):
+            raise click.UsageError("--base-lr and --base-batch-size go together: the rate and the batch it was good at")
         # Under torchrun every rank probes, and rank 0 speaks for all of them.
         self.main_rank = os.environ.get("RANK", "0") == "0"
         self.quiet = opts["quiet"] or not self.main_rank
@@ -155,6 +202,7 @@ class Run:
                 lr_rule=opts["lr_rule"],
                 noise_scale=opts["noise_scale"],
                 exact=opts["exact"],
+                rounding=opts["rounding"],
                 target_global_batch=opts["target_global_batch"],
                 **extra,
             )
@@ -174,6 +222,10 @@ class Run:
             )
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--model") from None
+        except UserCodeError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_MODEL_ERROR)
+        self.trials: list[Any] = []
 
     def on_start(self, device: Any) -> None:
         self.say(f"probing {self.spec.description} on {device.description}")
@@ -189,15 +241,19 @@ class Run:
             click.echo(f"  batch {batch_size:>6}: running…", err=True, nl=False)
 
     def on_trial(self, trial: Any) -> None:
-        from batchfit.memory import format_size
-
-        if trial.ok:
-            timing = f", {trial.seconds_per_step:.3f} s/step" if trial.seconds_per_step else ""
-            line = f"  batch {trial.batch_size:>6}: fitted, peak {format_size(trial.peak_reserved)}{timing}"
-        else:
-            line = f"  batch {trial.batch_size:>6}: out of memory"
+        self.trials.append(trial)
+        line = _trial_line(trial)
         # On a terminal the "running…" line is overwritten in place; in a log each trial is one line.
         self.say(f"\r{line:<60}" if self.live else line)
+
+
+def _trial_line(trial: Any) -> str:
+    from batchfit.memory import format_size
+
+    if not trial.ok:
+        return f"  batch {trial.batch_size:>6}: out of memory"
+    timing = f", {trial.seconds_per_step:.3f} s/step" if trial.seconds_per_step else ""
+    return f"  batch {trial.batch_size:>6}: fitted, peak {format_size(trial.peak_reserved)}{timing}"
 
 
 def _emit_json(data: dict[str, Any], path: str | None) -> None:
@@ -211,8 +267,39 @@ def _emit_json(data: dict[str, Any], path: str | None) -> None:
             handle.write(text + "\n")
 
 
+def _fail(error: BaseException, run: Run, json_path: str | None) -> NoReturn:
+    """Leave with the exit code that says what went wrong; one line, never a traceback."""
+    from batchfit import DistributedProbeError, DoesNotFitError, TrialError
+
+    if isinstance(error, KeyboardInterrupt):
+        # The trials already run are what the user paid for: show them, and mark the JSON.
+        if run.quiet:  # otherwise each trial was printed as it finished
+            for trial in run.trials:
+                click.echo(_trial_line(trial), err=True)
+        trials = [t.to_dict() for t in run.trials]
+        _emit_json({"model": run.spec.description, "interrupted": True, "trials": trials}, json_path)
+        click.echo(f"interrupted after {len(trials)} trials", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if isinstance(error, DistributedProbeError):
+        kinds = error.kinds
+        code = EXIT_MODEL_ERROR if "model" in kinds else EXIT_BAD_INPUT if "input" in kinds else EXIT_DOES_NOT_FIT
+    elif isinstance(error, TrialError):
+        code = EXIT_MODEL_ERROR
+    elif isinstance(error, DoesNotFitError):
+        code = EXIT_DOES_NOT_FIT
+    elif isinstance(error, ValueError):
+        raise click.UsageError(str(error)) from None
+    else:
+        raise error  # not the user's doing: a bug in batchfit, which must show in full
+    click.echo(f"error: {error}", err=True)
+    sys.exit(code)
+
+
+_FAILURES = (KeyboardInterrupt, ValueError, RuntimeError)  # RuntimeError: TrialError, DoesNotFit, ranks
+
+
 def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -> None:
-    from batchfit import DoesNotFitError, TrialError, find_batch_size
+    from batchfit import find_batch_size
 
     run = Run(opts, simulate=simulate, objective=objective)
     try:
@@ -227,14 +314,8 @@ def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -
             on_trial=run.on_trial,
             on_trial_start=run.on_trial_start,
         )
-    except DoesNotFitError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_DOES_NOT_FIT)
-    except TrialError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_MODEL_ERROR)
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
+    except _FAILURES as error:
+        _fail(error, run, opts["json_path"])
     if not run.main_rank:
         return
     data = {"model": run.spec.description, **result.to_dict()}
@@ -300,7 +381,7 @@ def estimate(**opts: Any) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), required=True, help="The batch size to check.")
 def check(batch_size: int, **opts: Any) -> None:
     """Pre-flight: exit 0 if BATCH_SIZE trains within the margin, 1 if not, 2 on bad input."""
-    from batchfit import DoesNotFitError, TrialError, preflight
+    from batchfit import DoesNotFitError, preflight
 
     run = Run(opts, simulate=False)
     try:
@@ -316,11 +397,12 @@ def check(batch_size: int, **opts: Any) -> None:
         )
         code = 0
     except DoesNotFitError as error:
-        assert error.check is not None  # preflight always attaches its measurement
+        if error.check is None:  # preflight attaches its measurement; anything else is a failure
+            _fail(error, run, opts["json_path"])
+            return
         result, code = error.check, EXIT_DOES_NOT_FIT
-    except TrialError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_MODEL_ERROR)
+    except _FAILURES as error:
+        _fail(error, run, opts["json_path"])
     _emit_json({"model": run.spec.description, **result.to_dict()}, opts["json_path"])
     if opts["json_path"] != "-":
         click.echo(str(result), err=code != 0)
@@ -363,7 +445,13 @@ def gpus(as_json: bool) -> None:
 @click.option("--rule", type=click.Choice(LR_RULES), default="auto", show_default=True)
 @click.option("--optimizer", help="Optimizer name (sgd, adamw, lamb, …): picks the auto rule.")
 @click.option("--noise-scale", type=click.FloatRange(min=0, min_open=True), help="Gradient noise scale φ.")
-@click.option("--json", "json_path", metavar="PATH", help="Write the answer as JSON ('-': stdout).")
+@click.option(
+    "--json",
+    "json_path",
+    metavar="PATH",
+    callback=_output_path(stdout=True),
+    help="Write the answer as JSON ('-': stdout).",
+)
 def lr(
     base_lr: float,
     base_batch_size: int,

@@ -22,7 +22,15 @@ log = logging.getLogger(__name__)
 
 
 class DistributedProbeError(RuntimeError):
-    """At least one rank's probe failed; every rank raises this."""
+    """At least one rank's probe failed; every rank raises this.
+
+    `kinds` holds each failed rank's kind of failure: 'model' (the user's model raised),
+    'does_not_fit', 'input' (a bad option) or 'other' (a crash, a timeout).
+    """
+
+    def __init__(self, message: str, kinds: frozenset[str] = frozenset({"other"})) -> None:
+        super().__init__(message)
+        self.kinds = kinds
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class RankReport:
     device: str
     capacity_bytes: int
     error: str | None = None
+    error_kind: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,5 +95,8 @@ def agree(group: Any, report: RankReport) -> list[RankReport]:
     failed = [r for r in reports if r.error]
     if failed:
         detail = "; ".join(f"rank {r.rank}: {r.error}" for r in failed)
-        raise DistributedProbeError(f"the probe failed on {len(failed)} of {len(reports)} ranks: {detail}")
+        raise DistributedProbeError(
+            f"the probe failed on {len(failed)} of {len(reports)} ranks: {detail}",
+            frozenset(r.error_kind or "other" for r in failed),
+        )
     return reports

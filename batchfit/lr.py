@@ -20,6 +20,7 @@ WARMUP_EPOCHS = 5
 LINEAR_LIMIT = 8192
 # Adam-family optimizers follow the square-root rule (Hoffer et al. 2017; Malladi et al. 2022).
 _ADAPTIVE = ("adam", "lamb", "adagrad", "adadelta", "rmsprop", "adafactor", "nadam", "radam")
+_SGD_LIKE = ("sgd", "lars", "momentum", "nesterov")
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,15 @@ def optimizer_family(optimizer: Any) -> str | None:
     name = name.lower()
     if name in ("function", "partial"):  # a factory: the class cannot be known before it runs
         return None
-    return "adaptive" if any(a in name for a in _ADAPTIVE) else "sgd"
+    if any(a in name for a in _ADAPTIVE):
+        return "adaptive"
+    if isinstance(optimizer, str) and not any(s in name for s in _SGD_LIKE):
+        # A name, not a class: a typo must not silently pick SGD's rule.
+        raise ValueError(
+            f"optimizer {optimizer!r} is not known; name an SGD-like ({', '.join(_SGD_LIKE)}) or "
+            f"adaptive ({', '.join(_ADAPTIVE)}) optimizer"
+        )
+    return "sgd"
 
 
 def adascale_gain(noise_scale: float, base_batch_size: int, batch_size: int) -> float:

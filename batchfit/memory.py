@@ -41,6 +41,8 @@ def parse_size(value: str | int | float) -> int:
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"memory size {value!r} must be a positive number of bytes")
+        if value > 2**80:
+            raise ValueError(f"memory size {value!r} is too large (over 2**80 bytes); use e.g. '24GiB'")
         return int(value)
     match = _SIZE_RE.match(str(value))
     if not match or match.group(2).lower() not in _UNITS:
@@ -52,8 +54,10 @@ def parse_size(value: str | int | float) -> int:
         number = Fraction(match.group(1)) * _UNITS[match.group(2).lower()]
     except (ValueError, OverflowError):
         number = Fraction(0)
-    if number < 1 or number > 2**80:
+    if number < 1:
         raise ValueError(f"memory size {value!r} must be at least one byte")
+    if number > 2**80:  # 1 YiB: far past any device, and past what a float keeps exact
+        raise ValueError(f"memory size {value!r} is too large (over 2**80 bytes); use e.g. '24GiB'")
     return int(number)
 
 

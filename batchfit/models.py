@@ -22,6 +22,10 @@ from torch import nn
 IMAGE_SHAPE = (3, 224, 224)
 
 
+class UserCodeError(RuntimeError):
+    """The user's own model file or factory failed: a bug to fix there, not a bad option."""
+
+
 @dataclass
 class ModelSpec:
     """A model ready to probe, with one sample and the loss it trains with."""
@@ -142,12 +146,17 @@ def _from_file(reference: str, input_shape: tuple[int, ...] | None) -> ModelSpec
     try:
         spec.loader.exec_module(module)
     except Exception as error:
-        raise ValueError(f"model file {path_text!r} failed to import: {type(error).__name__}: {error}") from error
+        raise UserCodeError(f"model file {path_text!r} failed to import: {_one_line(error)}") from error
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise ValueError(f"model file {path_text!r} has no function {factory_name!r}")
-    made = factory()
+    try:
+        made = factory()
+    except Exception as error:
+        raise UserCodeError(f"model factory {reference} failed: {_one_line(error)}") from error
     if isinstance(made, tuple) and len(made) == 2:
+        if input_shape:
+            raise ValueError(f"{reference} returns its own sample: --input-shape does not apply to it")
         model, sample = made
     elif isinstance(made, nn.Module):
         if not input_shape:
@@ -158,6 +167,22 @@ def _from_file(reference: str, input_shape: tuple[int, ...] | None) -> ModelSpec
     if not isinstance(model, nn.Module):
         raise ValueError(f"{reference} returned {type(model).__name__}, not a torch.nn.Module")
     return ModelSpec(model, sample, None, reference)
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def _text_only(name: str, input_shape: tuple[int, ...] | None) -> None:
+    if input_shape:
+        raise ValueError(f"--input-shape applies to image models; {name} is a text model: give --seq-len")
+
+
+def _image_only(name: str, seq_len: int | None) -> None:
+    if seq_len:
+        raise ValueError(
+            f"--seq-len applies to the text models ({', '.join(sorted(HF_FAMILIES))}); {name} takes --input-shape"
+        )
 
 
 def build(
@@ -173,10 +198,13 @@ def build(
     if name.endswith(".py") or ".py:" in name:
         if ":" not in name:
             raise ValueError(f"model file {name!r} needs a factory: path/to/file.py:factory")
+        _image_only(name, seq_len)
         return _from_file(name, input_shape)
     if name in HF_FAMILIES:
+        _text_only(name, input_shape)
         return _hf(name, seq_len, place)
     if name.startswith("timm:"):
+        _image_only(name, seq_len)
         try:
             import timm
         except ImportError as error:
@@ -193,6 +221,7 @@ def build(
         return ModelSpec(model, torch.randn(*shape), _classification_loss, f"{name} (random weights)")
     names = torchvision_names()
     if name in names:
+        _image_only(name, seq_len)
         import torchvision
 
         with place:

@@ -58,5 +58,5 @@ def plot_result(result: Result, path: str, title: str = "") -> None:
         twin.legend(loc="lower right")
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # the path as given: no extension added
     plt.close(fig)

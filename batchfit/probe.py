@@ -20,13 +20,15 @@ from batchfit.config import ProbeConfig
 from batchfit.devices import Device
 from batchfit.lr import scale_lr
 from batchfit.memory import budget as memory_budget
-from batchfit.memory import format_size
+from batchfit.memory import format_size, round_batch
 from batchfit.objective import goodput_batch_size, throughput_knee
 from batchfit.plan import plan_global_batch
 from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
-from batchfit.search import SearchOutcome, search
+from batchfit.search import SearchOutcome, reserved_model, search
 from batchfit.snapshot import ModelSnapshot
 from batchfit.trial import (
+    Step,
+    TrialError,
     Workload,
     check_sample,
     default_loss,
@@ -36,6 +38,7 @@ from batchfit.trial import (
 )
 
 log = logging.getLogger(__name__)
+
 
 def _has_batchnorm(model: nn.Module) -> bool:
     # BatchNorm cannot train on one example ("Expected more than 1 value per channel").
@@ -116,6 +119,7 @@ def find_batch_size(
     *,
     optimizer: Any = None,
     loss_fn: Callable[[Any, Any], Any] | None = None,
+    step: Callable[[nn.Module, Any], Any] | None = None,
     device: Device | str | None = None,
     config: ProbeConfig | None = None,
     on_trial: Callable[[Trial], None] | None = None,
@@ -125,12 +129,15 @@ def find_batch_size(
 ) -> Result:
     """Find the largest batch that trains `model` within the memory budget, and its learning rate.
 
-    `sample` is one example without a batch dimension (tensor, tuple/list or dict) or a
-    callable `batch_size -> batch`. Options are those of `ProbeConfig` (or pass `config=`);
+    `sample` is one example without a batch dimension or a callable `batch_size -> batch`.
+    A tensor is passed as `model(x)`, a tuple/list as `model(*sample)`, a dict as
+    `model(**sample)`; for anything else, e.g. a dataset's `(inputs, target)` item, pass
+    `step(model, batch) -> loss`. Options are those of `ProbeConfig` (or pass `config=`);
     `on_start(device)`, `on_trial_start(B)` and `on_trial(trial)` report progress. Under
     torch.distributed every rank probes its own device and all return the same answer.
     """
     config = _config(config, options)
+    loss_fn = _loss(loss_fn, step)
     group = distributed.setup(config.dist_timeout_s)
     if group is None:
         local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start)
@@ -141,13 +148,31 @@ def find_batch_size(
         report = distributed.RankReport(rank, local.recommended_batch_size, local.device, local.capacity_bytes)
         failure: Exception | None = None
     except Exception as error:  # every rank must join the agreement, failed or not
-        report = distributed.RankReport(rank, None, "", 0, f"{type(error).__name__}: {error}")
+        report = distributed.RankReport(rank, None, "", 0, f"{type(error).__name__}: {error}", _failure_kind(error))
         failure = error
     try:
         reports = distributed.agree(group, report)
     except distributed.DistributedProbeError as error:
         raise error from failure
     return _finish(local, config, optimizer, reports)
+
+
+def _loss(loss_fn: Any, step: Any) -> Any:
+    """The loss of a trial: the user's `step(model, batch)`, or `loss_fn(output, batch)`, or the default."""
+    if step is None:
+        return loss_fn
+    if loss_fn is not None:
+        raise ValueError("pass step= (model, batch) -> loss or loss_fn= (output, batch) -> loss, not both")
+    return Step(step)
+
+
+def _failure_kind(error: Exception) -> str:
+    """How a rank failed, so that every rank can exit as one process would."""
+    if isinstance(error, TrialError):
+        return "model"
+    if isinstance(error, DoesNotFitError):
+        return "does_not_fit"
+    return "input" if isinstance(error, (ValueError, TypeError)) else "other"
 
 
 def _config(config: ProbeConfig | None, options: dict[str, Any]) -> ProbeConfig:
@@ -232,6 +257,22 @@ def _finish(local: Result, config: ProbeConfig, optimizer: Any, reports: list[An
     )
 
 
+def _rounding_note(outcome: SearchOutcome, budget: int, config: ProbeConfig) -> list[str]:
+    """Say what power-of-two rounding cost, when the memory line says a multiple of 8 gives more."""
+    line = reserved_model(outcome.trials)
+    if config.rounding != "pow2" or line is None or not outcome.recommended:
+        return []
+    over = [t.batch_size for t in outcome.trials if not t.ok or t.peak_reserved > budget]
+    limit = min([line.max_batch(budget), *(b - 1 for b in over), config.max_batch_size or 2**62])
+    mult8 = round_batch(limit, "mult8")
+    if mult8 <= outcome.recommended:
+        return []
+    return [
+        f"rounded down to a power of two; by the memory line rounding='mult8' (--rounding mult8) "
+        f"gives about {mult8}, verified by a trial when asked"
+    ]
+
+
 def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elapsed: float) -> Result:
     budget = memory_budget(dev.capacity, config.margin)
     within = [t for t in outcome.trials if t.ok and t.peak_reserved <= budget]
@@ -249,6 +290,7 @@ def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elapsed: f
             "so the memory answer stands"
         )
     notes.extend(dev.notes)
+    notes.extend(_rounding_note(outcome, budget, config))
     chosen = next((t for t in outcome.trials if t.batch_size == recommended and t.ok), None)
     if chosen is not None and chosen.alloc_retries:
         # The allocator had to free its cache and retry: the batch fits, but only just.
@@ -288,6 +330,7 @@ def preflight(
     *,
     optimizer: Any = None,
     loss_fn: Callable[[Any, Any], Any] | None = None,
+    step: Callable[[nn.Module, Any], Any] | None = None,
     device: Device | str | None = None,
     config: ProbeConfig | None = None,
     on_start: Callable[[Device], None] | None = None,
@@ -301,6 +344,7 @@ def preflight(
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     config = _config(config, options)
+    loss_fn = _loss(loss_fn, step)
     dev = devices.resolve_device(device, config)
     if on_start is not None:
         on_start(dev)

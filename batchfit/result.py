@@ -91,6 +91,9 @@ class Result:
         data["trials"] = [t.to_dict() for t in self.trials]
         data["headroom_bytes"] = self.headroom_bytes
         data["per_device_batch_size"] = self.recommended_batch_size
+        # Fitted lines give fractional bytes; a byte count in JSON is a whole number.
+        for key in (k for k in data if k.endswith("_bytes") and data[k] is not None):
+            data[key] = round(data[key])
         return data
 
     def __str__(self) -> str:
@@ -164,17 +167,17 @@ class CheckResult:
     largest_fitting: int | None = None
 
     @property
-    def overshoot_bytes(self) -> float | None:
+    def overshoot_bytes(self) -> int | None:
         if self.peak_reserved_bytes is None:
             return None
-        return self.peak_reserved_bytes - self.budget_bytes
+        return round(self.peak_reserved_bytes - self.budget_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "batch_size": self.batch_size,
             "fits": self.fits,
             "peak_reserved_bytes": self.peak_reserved_bytes,
-            "budget_bytes": self.budget_bytes,
+            "budget_bytes": round(self.budget_bytes),
             "overshoot_bytes": self.overshoot_bytes,
             "capacity_bytes": self.capacity_bytes,
             "margin": self.margin,

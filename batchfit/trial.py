@@ -110,6 +110,34 @@ class Workload:
         )
 
 
+class Step:
+    """A user's own training step, `step(model, batch) -> loss` (the form of Lightning's training_step).
+
+    For samples the model does not take as its arguments, e.g. a dataset's `(inputs, target)`
+    item: `step=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])`. The probe
+    runs it with the device's stand-in weights in place of the model's own.
+    """
+
+    def __init__(self, fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+        if not callable(fn):
+            raise ValueError(f"step={fn!r} must be a callable (model, batch) -> loss")
+        self.fn = fn
+
+    def loss(self, model: nn.Module, tensors: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        wrapper = _StepModule(model, self.fn)
+        return functional_call(wrapper, {f"model.{k}": v for k, v in tensors.items()}, (batch,))
+
+
+class _StepModule(nn.Module):
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.fn(self.model, batch)
+
+
 def _call(model: nn.Module, tensors: dict[str, torch.Tensor], batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return functional_call(model, tensors, (), dict(batch))
@@ -201,9 +229,12 @@ def _train(
         start = devices.timer()
         with device.first_step(measurement) if step == 0 else contextlib.nullcontext():
             with device.autocast(amp):
-                output = _call(workload.model, held, batch)
-                loss = workload.loss_fn(output, batch)
-            del output
+                if isinstance(workload.loss_fn, Step):
+                    loss = workload.loss_fn.loss(workload.model, held, batch)
+                else:
+                    output = _call(workload.model, held, batch)
+                    loss = workload.loss_fn(output, batch)
+                    del output
             loss.backward()
             del loss
             optimizer.step()
