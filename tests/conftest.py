@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,22 @@ from batchfit.gpus import HOPPER_WORKSPACES
 
 # A simulated card holds the cuBLAS workspaces (65 MiB, Hopper's) before any tensor.
 WORKSPACES = sum(HOPPER_WORKSPACES)
+
+
+def run_cli(*args: str):
+    """The `batchfit` command through click's CliRunner (stderr kept apart)."""
+    from click.testing import CliRunner
+
+    from batchfit.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def module_file(folder: Path, name: str, text: str) -> str:
+    """Write a Python file of model factories for `--model path.py:factory`; its path."""
+    path = folder / f"{name}.py"
+    path.write_text(text)
+    return str(path)
 
 
 def card(mib: int) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import RESULT_KEYS, card
+from conftest import RESULT_KEYS, card, module_file, run_cli
 
 from batchfit.cli import main
 
@@ -39,13 +39,10 @@ TINY = textwrap.dedent(
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> str:
-    path = tmp_path / "tiny.py"
-    path.write_text(TINY)
-    return str(path)
+    return module_file(tmp_path, "tiny", TINY)
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+invoke = run_cli
 
 
 @pytest.mark.parametrize("command", [[], ["probe"], ["estimate"], ["check"], ["gpus"], ["lr"]])

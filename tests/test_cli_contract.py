@@ -16,10 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import card
-
-from batchfit.cli import main
+from conftest import card, module_file, run_cli
 
 MODELS = textwrap.dedent(
     """
@@ -54,21 +51,20 @@ MODELS = textwrap.dedent(
 
 @pytest.fixture
 def models(tmp_path: Path) -> str:
-    path = tmp_path / "models.py"
-    path.write_text(MODELS)
-    return str(path)
+    return module_file(tmp_path, "models", MODELS)
 
 
-def run(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+run = run_cli
+LR = ("lr", "--base-lr", "0.1", "--base-batch-size", "256", "--batch-size", "512")
 
 
-def assert_one_line_error(result, code: int) -> None:
+def assert_one_line_error(result, code: int, match: str = "") -> None:
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     usage = lines and lines[0].startswith("Usage:")
     assert usage or len(lines) == 1, lines  # click's Usage/Error lines, or one line
+    assert match in result.stderr
 
 
 MEMORY = str(card(64))
@@ -89,14 +85,11 @@ def test_bad_output_paths_fail_before_any_work(command, option, value, match):
     start = time.perf_counter()
     result = run(command, "--model", "resnet50", "--memory", "24GiB", *extra, option, value)
     assert time.perf_counter() - start < 1.0  # before any model is built
-    assert_one_line_error(result, 2)
-    assert match in result.stderr
+    assert_one_line_error(result, 2, match)
 
 
 def test_lr_json_to_a_missing_folder():
-    result = run("lr", "--base-lr", "0.1", "--base-batch-size", "256", "--batch-size", "512", "--json", "/no/x.json")
-    assert_one_line_error(result, 2)
-    assert "does not exist" in result.stderr
+    assert_one_line_error(run(*LR, "--json", "/no/x.json"), 2, "does not exist")
 
 
 def test_plot_is_written_where_asked(models, tmp_path):
@@ -140,15 +133,11 @@ def test_goodput_without_noise_scale_is_rejected_before_any_work():
     ],
 )
 def test_options_that_do_not_apply_say_what_does(args, match):
-    result = run(*args, "--memory", "24GiB")
-    assert_one_line_error(result, 2)
-    assert match in result.stderr
+    assert_one_line_error(run(*args, "--memory", "24GiB"), 2, match)
 
 
 def test_lr_with_an_unknown_optimizer_name():
-    result = run("lr", "--base-lr", "0.1", "--base-batch-size", "256", "--batch-size", "512", "--optimizer", "foo")
-    assert_one_line_error(result, 2)
-    assert "optimizer 'foo' is not known" in result.stderr
+    assert_one_line_error(run(*LR, "--optimizer", "foo"), 2, "optimizer 'foo' is not known")
 
 
 def test_a_huge_memory_says_too_large():
