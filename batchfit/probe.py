@@ -16,15 +16,13 @@ from typing import Any
 from torch import nn
 
 from batchfit import devices, distributed
+from batchfit.answer import build_result, finish
 from batchfit.config import ProbeConfig
 from batchfit.devices import Device
-from batchfit.lr import scale_lr
 from batchfit.memory import budget as memory_budget
-from batchfit.memory import format_size, round_batch
-from batchfit.objective import goodput_batch_size, throughput_knee
-from batchfit.plan import plan_global_batch
+from batchfit.memory import format_size
 from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
-from batchfit.search import SearchOutcome, reserved_model, search
+from batchfit.search import search
 from batchfit.snapshot import ModelSnapshot
 from batchfit.trial import (
     Step,
@@ -141,7 +139,7 @@ def find_batch_size(
     group = distributed.setup(config.dist_timeout_s)
     if group is None:
         local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start)
-        return _finish(local, config, optimizer, [])
+        return finish(local, config, optimizer, [])
     rank = distributed.rank(group)
     try:
         local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start)
@@ -154,7 +152,7 @@ def find_batch_size(
         reports = distributed.agree(group, report)
     except distributed.DistributedProbeError as error:
         raise error from failure
-    return _finish(local, config, optimizer, reports)
+    return finish(local, config, optimizer, reports)
 
 
 def _loss(loss_fn: Any, step: Any) -> Any:
@@ -220,107 +218,7 @@ def _probe_here(
             f"on {dev.description}: batch_size={first.batch_size} "
             + ("ran out of memory" if not first.ok else f"peaked at {format_size(first.peak_reserved)}")
         )
-    return _result(outcome, dev, config, devices.timer() - timer_start)
-
-
-def _finish(local: Result, config: ProbeConfig, optimizer: Any, reports: list[Any]) -> Result:
-    """Agree across ranks (the smallest card decides), plan the global batch, scale the rate on it."""
-    per_device = min([local.recommended_batch_size] + [r.recommended for r in reports])
-    plan = plan_global_batch(per_device, max(1, len(reports)), config.target_global_batch)
-    notes = list(local.notes)
-    if plan.per_device < local.recommended_batch_size:
-        notes.append(
-            f"per-device batch {plan.per_device} is below this device's verified "
-            f"{local.recommended_batch_size} (another rank's card or the global target decided); "
-            "memory only falls with the batch"
-        )
-    lr = None
-    if config.base_lr is not None:
-        lr = scale_lr(
-            config.base_lr,
-            config.base_batch_size or plan.global_batch,
-            plan.global_batch,
-            rule=config.lr_rule,
-            optimizer=optimizer if optimizer is not None else "sgd",
-            noise_scale=config.noise_scale,
-        )
-    return replace(
-        local,
-        recommended_batch_size=plan.per_device,
-        world_size=plan.world_size,
-        gradient_accumulation_steps=plan.accumulation,
-        global_batch_size=plan.global_batch,
-        ranks=[r.to_dict() for r in reports],
-        learning_rate=lr.learning_rate if lr else None,
-        lr_advice=lr.to_dict() if lr else None,
-        notes=notes,
-    )
-
-
-def _rounding_note(outcome: SearchOutcome, budget: int, config: ProbeConfig) -> list[str]:
-    """Say what power-of-two rounding cost, when the memory line says a multiple of 8 gives more."""
-    line = reserved_model(outcome.trials)
-    if config.rounding != "pow2" or line is None or not outcome.recommended:
-        return []
-    over = [t.batch_size for t in outcome.trials if not t.ok or t.peak_reserved > budget]
-    limit = min([line.max_batch(budget), *(b - 1 for b in over), config.max_batch_size or 2**62])
-    mult8 = round_batch(limit, "mult8")
-    if mult8 <= outcome.recommended:
-        return []
-    return [
-        f"rounded down to a power of two; by the memory line rounding='mult8' (--rounding mult8) "
-        f"gives about {mult8}, verified by a trial when asked"
-    ]
-
-
-def _result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elapsed: float) -> Result:
-    budget = memory_budget(dev.capacity, config.margin)
-    within = [t for t in outcome.trials if t.ok and t.peak_reserved <= budget]
-    knee = throughput_knee(within) if dev.real_timing else None
-    goodput = goodput_batch_size(within, config.noise_scale) if dev.real_timing and config.noise_scale else None
-    recommended = outcome.recommended
-    notes = []
-    if config.objective == "throughput" and knee is not None:
-        recommended = knee
-    elif config.objective == "goodput" and goodput is not None:
-        recommended = goodput
-    elif config.objective != "memory":
-        notes.append(
-            f"objective={config.objective!r} needs real step times; {dev.description} has none, "
-            "so the memory answer stands"
-        )
-    notes.extend(dev.notes)
-    notes.extend(_rounding_note(outcome, budget, config))
-    chosen = next((t for t in outcome.trials if t.batch_size == recommended and t.ok), None)
-    if chosen is not None and chosen.alloc_retries:
-        # The allocator had to free its cache and retry: the batch fits, but only just.
-        notes.append(
-            f"batch {recommended} needed {chosen.alloc_retries} allocator retries (cache flushes): it fits "
-            "only just; consider a larger margin"
-        )
-    line, line_alloc = outcome.line, outcome.line_allocated
-    return Result(
-        recommended_batch_size=recommended,
-        largest_batch_ran=outcome.largest_ran,
-        predicted_limit=outcome.predicted_limit,
-        per_sample_bytes=line.per_sample if line else None,
-        fixed_bytes=line.fixed if line else None,
-        per_sample_allocated_bytes=line_alloc.per_sample if line_alloc else None,
-        fixed_allocated_bytes=line_alloc.fixed if line_alloc else None,
-        capacity_bytes=dev.capacity,
-        margin=config.margin,
-        device=dev.description,
-        is_estimate=dev.is_estimate,
-        trials=outcome.trials,
-        elapsed_s=elapsed,
-        exact_limit=outcome.exact_limit,
-        throughput_knee=knee,
-        goodput_batch_size=goodput,
-        memory_batch_size=outcome.recommended,
-        objective=config.objective,
-        timing_is_real=dev.real_timing,
-        notes=notes,
-    )
+    return build_result(outcome, dev, config, devices.timer() - timer_start)
 
 
 def preflight(
