@@ -14,6 +14,12 @@ from batchfit.gpus import HOPPER_WORKSPACES
 WORKSPACES = sum(HOPPER_WORKSPACES)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--overwrite-golden", action="store_true", help="rewrite tests/golden/*.out and the README's blocks"
+    )
+
+
 def run_cli(*args: str):
     """The `batchfit` command through click's CliRunner (stderr kept apart)."""
     from click.testing import CliRunner

@@ -285,8 +285,8 @@ def test_a_model_built_on_meta_probes_on_the_simulated_device():
 
 
 def test_allocator_retries_at_the_answer_are_reported():
-    from batchfit.config import ProbeConfig
     from batchfit.answer import build_result as _result
+    from batchfit.config import ProbeConfig
     from batchfit.result import Trial
     from batchfit.search import search
 
