@@ -6,8 +6,9 @@ Invariant: every batch size it recommends was run and measured within the budget
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchfit.limit import FIT_MIN_BATCH, FIT_SPAN, fit_sizes, predict_limit
 from batchfit.memory import MemoryLine, fit_line, round_batch
@@ -21,6 +22,8 @@ _MAX_JUMP = 16
 # Without rounding, stop once a step would gain less than 1/64 (~1.5%) of the batch.
 _CLOSE_ENOUGH = 64
 _UNBOUNDED = 2**40
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,122 @@ def _conforms(batch_size: int, rounding: str) -> bool:
     return round_batch(batch_size, rounding) == batch_size
 
 
+@dataclass
+class Ledger:
+    """What the search knows: every trial by size and in order, against one budget."""
+
+    budget: int
+    cap: int
+    rounding: str = "pow2"
+    start: int = 1
+    trials: dict[int, Trial] = field(default_factory=dict)
+    order: list[Trial] = field(default_factory=list)
+    phase: str = "doubling"
+    """'doubling' until the line is known, 'jumping' to its answer, 'closing' for a last point."""
+    last: Move | None = None
+
+    def record(self, move: Move, trial: Trial) -> None:
+        self.trials[trial.batch_size] = trial
+        self.order.append(trial)
+        self.phase, self.last = move.phase, move
+
+    def within(self, trial: Trial) -> bool:
+        return trial.ok and trial.peak_reserved <= self.budget
+
+    def verified(self) -> int:
+        """Largest size that ran within the budget and obeys the rounding (0 if none)."""
+        sizes = [b for b, t in self.trials.items() if self.within(t) and _conforms(b, self.rounding)]
+        return max(sizes, default=0)
+
+    def ceiling(self) -> int:
+        """Smallest size that failed or broke the budget (exclusive upper bound)."""
+        return min((b for b, t in self.trials.items() if not self.within(t)), default=self.cap + 1)
+
+
+@dataclass(frozen=True)
+class Move:
+    """The search's next step: a batch size to try (None: stop), why, and the phase after it."""
+
+    batch_size: int | None
+    reason: str
+    phase: str
+    predicted_peak: float | None = None
+    """What the line predicted for this size, when the move was a jump to the line's answer."""
+
+
+def next_move(ledger: Ledger) -> Move:
+    """The next batch size to try and why. Pure: reads the ledger, changes nothing."""
+    if not ledger.order:
+        return Move(min(ledger.start, ledger.cap), "start", "doubling")
+    if ledger.phase == "doubling":
+        trial = ledger.order[-1]
+        ready = sum(1 for t in ledger.order if t.ok and t.batch_size >= FIT_MIN_BATCH) >= 2
+        if ledger.within(trial) and not ready and trial.batch_size < ledger.cap:
+            return Move(min(trial.batch_size * 2, ledger.cap), "double: the memory line needs two points", "doubling")
+    if ledger.phase in ("doubling", "jumping"):
+        second = _second_point(ledger)
+        if second is not None:
+            return second
+        jump = _jump(ledger)
+        if jump.batch_size is not None:
+            return jump
+        return _closing(ledger) or jump
+    return Move(None, "done", "closing")
+
+
+def _second_point(ledger: Ledger) -> Move | None:
+    """After a jump the line mispredicted by over 5%, a point at half of it to refit near there."""
+    last, trial = ledger.last, ledger.order[-1]
+    if last is None or last.predicted_peak is None or last.batch_size != trial.batch_size or not trial.ok:
+        return None
+    half = trial.batch_size // 2
+    missed = abs(last.predicted_peak - trial.peak_reserved) > _FIT_TOLERANCE * trial.peak_reserved
+    if half < FIT_MIN_BATCH or half in ledger.trials or not missed:
+        return None
+    return Move(half, "second point: the line missed the jump's peak by over 5%", "jumping")
+
+
+def _jump(ledger: Ledger) -> Move:
+    """To the largest rounded size the line puts within the budget, safeguarded."""
+    line = reserved_model(ledger.order)
+    ceiling = ledger.ceiling()
+    below = max((b for b, t in ledger.trials.items() if t.ok and b < ceiling), default=0)
+    limit, reason = ceiling - 1, "below the smallest size that failed or broke the budget"
+    from_line = line is not None and line.max_batch(ledger.budget) < limit
+    if line is not None and from_line:
+        limit, reason = line.max_batch(ledger.budget), "the memory line's largest size within the budget"
+    if any(not ledger.within(t) for t in ledger.order) and (below + ceiling) // 2 < limit:
+        # Bracketed: an OOM carries no peak to correct the line with, so never step
+        # past the middle of the gap (a safeguarded secant search).
+        limit, from_line, reason = (below + ceiling) // 2, False, "bisect: the middle of the bracket"
+    if limit > _MAX_JUMP * below:
+        # Lines from small batches can be flat (the optimizer step dominates them) and
+        # predict absurd limits: grow at most 16× per trial and refit on the way.
+        limit, from_line, reason = _MAX_JUMP * below, False, "grow at most 16x per trial"
+    candidate = round_batch(limit, ledger.rounding)
+    best = ledger.verified()
+    if candidate <= best + best // _CLOSE_ENOUGH or candidate < 1:
+        return Move(None, "stop: nothing larger to gain", "jumping")
+    if candidate in ledger.trials:
+        return Move(None, "stop: the next size already ran", "jumping")
+    predicted = line.predict(candidate) if from_line and line is not None else None
+    return Move(candidate, reason, "jumping", predicted)
+
+
+def _closing(ledger: Ledger) -> Move | None:
+    """The line is reported and trusted near the top: a second point there, if it has none.
+
+    Half the largest batch that ran, so no new risk of running out of memory.
+    """
+    ok_sizes = sorted(b for b, t in ledger.trials.items() if t.ok)
+    if not ok_sizes:
+        return None
+    top = ok_sizes[-1]
+    if top // 2 < FIT_MIN_BATCH or any(top / FIT_SPAN <= b < top for b in ok_sizes):
+        return None
+    return Move(top // 2, "second point near the top for the reported line", "closing")
+
+
 def search(
     run: Callable[[int], Trial],
     capacity: int,
@@ -84,77 +203,18 @@ def search(
     A size counts as verified when its trial ran and its measured peak reserved memory
     stayed within (1 - margin) × capacity. Failures and over-budget trials become an
     upper bound, and every new trial refits the line, so the search converges from
-    either side of a wrong prediction.
+    either side of a wrong prediction. `next_move` decides each step; this loop runs them.
     """
-    budget = memory_budget(capacity, margin)
     cap = max_batch_size or _UNBOUNDED
-    trials: dict[int, Trial] = {}
-    order: list[Trial] = []
-
-    def attempt(batch_size: int) -> Trial:
-        trial = run(batch_size)
-        trials[batch_size] = trial
-        order.append(trial)
-        return trial
-
-    def within(trial: Trial) -> bool:
-        return trial.ok and trial.peak_reserved <= budget
-
-    def verified() -> int:
-        sizes = [b for b, t in trials.items() if within(t) and _conforms(b, rounding)]
-        return max(sizes, default=0)
-
-    def ceiling() -> int:
-        """Smallest size that failed or broke the budget (exclusive upper bound)."""
-        return min((b for b, t in trials.items() if not within(t)), default=cap + 1)
-
-    batch_size = min(start, cap)
-    while True:
-        trial = attempt(batch_size)
-        ready = sum(1 for t in order if t.ok and t.batch_size >= FIT_MIN_BATCH) >= 2
-        if not within(trial) or ready or batch_size >= cap or len(order) >= max_trials:
+    ledger = Ledger(budget=memory_budget(capacity, margin), cap=cap, rounding=rounding, start=start)
+    while len(ledger.order) < max_trials:
+        move = next_move(ledger)
+        if move.batch_size is None:
             break
-        batch_size = min(batch_size * 2, cap)
+        log.debug("trial at %d: %s", move.batch_size, move.reason)
+        ledger.record(move, run(move.batch_size))
 
-    while len(order) < max_trials:
-        line = reserved_model(order)
-        below = max((b for b, t in trials.items() if t.ok and b < ceiling()), default=0)
-        limit = ceiling() - 1
-        from_line = line is not None and line.max_batch(budget) < limit
-        if line is not None:
-            limit = min(limit, line.max_batch(budget))
-        if any(not within(t) for t in order) and (below + ceiling()) // 2 < limit:
-            # Bracketed: an OOM carries no peak to correct the line with, so never step
-            # past the middle of the gap (a safeguarded secant search).
-            limit, from_line = (below + ceiling()) // 2, False
-        if limit > _MAX_JUMP * below:
-            # Lines from small batches can be flat (the optimizer step dominates them) and
-            # predict absurd limits: grow at most 16× per trial and refit on the way.
-            limit, from_line = _MAX_JUMP * below, False
-        candidate = round_batch(limit, rounding)
-        best = verified()
-        if candidate <= best + best // _CLOSE_ENOUGH or candidate < 1 or candidate in trials:
-            break
-        trial = attempt(candidate)
-        half = candidate // 2
-        if (
-            from_line
-            and line is not None
-            and trial.ok
-            and half >= FIT_MIN_BATCH
-            and half not in trials
-            and abs(line.predict(candidate) - trial.peak_reserved) > _FIT_TOLERANCE * trial.peak_reserved
-        ):
-            attempt(half)
-
-    ok_sizes = sorted(b for b, t in trials.items() if t.ok)
-    if ok_sizes and len(order) < max_trials:
-        top = ok_sizes[-1]
-        if top // 2 >= FIT_MIN_BATCH and not any(top / FIT_SPAN <= b < top for b in ok_sizes):
-            # The line is reported and trusted near the top: give it a second point there
-            # (half the largest batch that ran, so no new risk of running out of memory).
-            attempt(top // 2)
-
+    order, trials = ledger.order, ledger.trials
     line = fit_trials(order)
     ran = [t.batch_size for t in order if t.ok]
     smallest_oom = min((t.batch_size for t in order if not t.ok), default=None)
@@ -165,10 +225,16 @@ def search(
 
     exact_limit = None
     if exact and ran:
+
+        def attempt(batch_size: int) -> Trial:
+            trial = run(batch_size)
+            ledger.record(Move(batch_size, "exact: bisect to the largest size that runs", "closing"), trial)
+            return trial
+
         exact_limit = _bisect(attempt, trials, max(ran), smallest_oom, cap, max_trials, order)
 
     return SearchOutcome(
-        recommended=verified(),
+        recommended=ledger.verified(),
         largest_ran=max((t.batch_size for t in order if t.ok), default=0),
         predicted_limit=predicted,
         line=line,

@@ -141,3 +141,61 @@ def test_two_regime_curve_converges_in_few_trials():
         out = search(run, capacity, margin=0.0, rounding=rounding)
         assert len(calls) <= 14, (rounding, calls)
         assert out.recommended >= (0.9 * (capacity - 2 * 2**20) / 6144 if rounding == "none" else 8192)
+
+
+# next_move, branch by branch: a ledger built by hand, the move it gives and why.
+from batchfit.search import Ledger, Move, next_move  # noqa: E402
+
+MB = 2**20
+
+
+def ledger_with(*trials: tuple[int, float | None], budget_mb: int = 800, rounding: str = "pow2", moves=()):
+    """Trials (batch size, peak MiB or None for an OOM), recorded as the given moves made them."""
+    ledger = Ledger(budget=budget_mb * MB, cap=2**40, rounding=rounding)
+    moves = list(moves) or [Move(b, "test", "doubling") for b, _ in trials]
+    for (b, peak), move in zip(trials, moves, strict=True):
+        ok = peak is not None
+        mem = int(peak * MB) if ok else 0
+        ledger.record(move, Trial(batch_size=b, ok=ok, peak_allocated=mem, peak_reserved=mem))
+    return ledger
+
+
+def test_move_start():
+    assert next_move(Ledger(budget=MB, cap=2**40, start=2)) == Move(2, "start", "doubling")
+
+
+def test_move_double_until_two_points_at_four_or_more():
+    move = next_move(ledger_with((1, 101), (2, 102)))
+    assert (move.batch_size, move.phase) == (4, "doubling") and move.reason.startswith("double")
+
+
+def test_move_jump_to_the_lines_answer():
+    move = next_move(ledger_with((4, 104), (8, 108)))  # 100 MiB + 1 MiB/sample: 700 within 800 MiB
+    assert move.batch_size == 128 and move.reason == "grow at most 16x per trial"  # 16 × 8
+    move = next_move(ledger_with((4, 104), (8, 108), (64, 164)))
+    assert move.batch_size == 512 and move.reason == "the memory line's largest size within the budget"
+    assert move.predicted_peak == pytest.approx(612 * MB)
+
+
+def test_move_second_point_after_a_missed_jump():
+    jump = Move(512, "the memory line's largest size within the budget", "jumping", predicted_peak=612 * MB)
+    moves = [Move(b, "test", "doubling") for b in (4, 8, 64)] + [jump]
+    move = next_move(ledger_with((4, 104), (8, 108), (64, 164), (512, 700), moves=moves))  # 12.6% off
+    assert move.batch_size == 256 and move.reason.startswith("second point")
+
+
+def test_move_bisects_a_bracket():
+    move = next_move(ledger_with((4, 104), (8, 108), (64, 164), (640, None), rounding="none"))
+    assert move.batch_size == 352 and move.reason == "bisect: the middle of the bracket"  # (64 + 640) // 2
+
+
+def test_move_stops_when_nothing_is_left_to_gain_then_closes_and_is_done():
+    moves = [Move(b, "test", "jumping") for b in (4, 8, 64, 128)]
+    ledger = ledger_with((4, 104), (8, 108), (64, 164), (128, 228), (256, None), moves=[*moves, moves[-1]])
+    move = next_move(ledger)
+    assert move.batch_size is None and move.reason.startswith("stop")
+    closing = ledger_with((2, 101), (4, 104), (512, 612), moves=[Move(b, "test", "jumping") for b in (2, 4, 512)])
+    move = next_move(closing)
+    assert (move.batch_size, move.phase) == (256, "closing") and "near the top" in move.reason
+    closing.record(move, Trial(batch_size=256, ok=True, peak_allocated=356 * MB, peak_reserved=356 * MB))
+    assert next_move(closing) == Move(None, "done", "closing")
