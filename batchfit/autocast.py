@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -108,20 +109,26 @@ class CudaAutocastPolicy:
             library = torch.library.Library("aten", "IMPL")
             try:
                 policy = cuda_policy()
-                for name in registered("AutocastCPU") | set(policy):
-                    op = _overload(name)
-                    if op is None:  # an op this torch does not have
-                        continue
-                    if name in policy:
-                        library.impl(name, self._kernel(op, name, policy[name]), "AutocastCPU")
-                    else:
-                        # Not on CUDA's lists: no cast here, and ops it decomposes into (a padded
-                        # conv into convolution) still meet autocast, as they do on CUDA.
-                        library.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
+                with warnings.catch_warnings():
+                    # Replacing CPU's autocast kernels is the point; torch warns on every override.
+                    warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+                    self._register(library, policy)
                 yield
             finally:
                 library._destroy()
                 self._cache.clear()
+
+    def _register(self, library: Any, policy: dict[str, str]) -> None:
+        for name in registered("AutocastCPU") | set(policy):
+            op = _overload(name)
+            if op is None:  # an op this torch does not have
+                continue
+            if name in policy:
+                library.impl(name, self._kernel(op, name, policy[name]), "AutocastCPU")
+            else:
+                # Not on CUDA's lists: no cast here, and ops it decomposes into (a padded
+                # conv into convolution) still meet autocast, as they do on CUDA.
+                library.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
 
     def clear_cache(self) -> None:
         """Drop cast weights, as autocast does when its outermost region exits."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,17 @@ import torch
 from torch import nn
 
 from batchfit.gpus import HOPPER_WORKSPACES
+
+
+def _needs(package: str, extra: str) -> pytest.MarkDecorator:
+    """Skip where an optional package is not installed (CI's second torch runs without them)."""
+    missing = importlib.util.find_spec(package) is None
+    return pytest.mark.skipif(missing, reason=f"needs {package}: pip install 'batchfit[{extra}]'")
+
+
+needs_vision = _needs("torchvision", "vision")
+needs_hf = _needs("transformers", "hf")
+needs_plot = _needs("matplotlib", "plot")
 
 # A simulated card holds the cuBLAS workspaces (65 MiB, Hopper's) before any tensor.
 WORKSPACES = sum(HOPPER_WORKSPACES)

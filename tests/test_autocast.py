@@ -52,10 +52,13 @@ def test_the_table_is_cudas_registration_in_this_torch():
     missing = sorted(cuda - set(table))
     assert not missing, f"ops CUDA autocasts that the simulated device does not: {missing}"
     have = {name for name in table if getattr(torch.ops.aten, name.partition(".")[0], None) is not None}
+    if torch.version.cuda is None:  # a CPU build registers no cuDNN kernels
+        have.discard("_cudnn_rnn")
     assert sorted(have - cuda) == [], "the table names ops CUDA does not autocast"
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
 def test_every_op_casts_as_on_cuda():
     common = pytest.importorskip("torch.testing._internal.common_methods_invocations", exc_type=ImportError)
     names = {n.split(".")[0] for n in cuda_policy()} | {n.split(".")[0] for n in registered("AutocastCPU")}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_hf, needs_vision
 
 from batchfit import predict_limit
 
@@ -51,7 +52,7 @@ def test_the_reserved_line_alone_was_16_percent_low():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TRACES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_hf if "gpt2" in n else needs_vision) for n in TRACES])
 def test_offline_estimate_matches_the_card(name):
     case, trace = accuracy.CASES[name], accuracy.load_trace(name)
     estimate = accuracy._simulate(case, trace["capacity_bytes"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import RESULT_KEYS, card, module_file, run_cli
+from conftest import RESULT_KEYS, card, module_file, needs_plot, needs_vision, run_cli
 
 from batchfit.cli import main
 
@@ -87,6 +87,7 @@ def test_json_to_stdout_has_the_result_keys(tiny):
     assert data["capacity_bytes"] == 15360 * 2**20 - int(0.8 * 2**30)
 
 
+@needs_plot
 def test_plot_writes_a_png(tiny, tmp_path):
     png = tmp_path / "memory.png"
     result = invoke("estimate", "--model", f"{tiny}:tiny", "--memory", str(card(64)), "--plot", str(png), "-q")
@@ -100,6 +101,7 @@ def test_probe_without_cuda_uses_host_ram_and_says_so(tiny):
     assert "no CUDA GPU here" in result.stderr and "--gpu" in result.stderr
 
 
+@needs_vision
 def test_probe_list_models():
     result = invoke("probe", "--list-models")
     assert result.exit_code == 0
@@ -109,7 +111,7 @@ def test_probe_list_models():
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["probe", "--model", "resnet5", "--memory", "1GiB"], "did you mean resnet50"),
+        pytest.param(["probe", "--model", "resnet5", "--memory", "1GiB"], "did you mean resnet50", marks=needs_vision),
         (["probe", "--model", "resnet18", "--input-shape", "3,x,224", "--memory", "1GiB"], "not a shape"),
         (["probe", "--model", "resnet18", "--input-shape", "3,0,224", "--memory", "1GiB"], "positive"),
         (["probe", "--model", "resnet18", "--memory", "lots"], "memory size 'lots'"),
@@ -165,6 +167,7 @@ def test_gpus_catalog():
         assert name in result.output
 
 
+@needs_vision
 def test_estimate_a_zoo_model():
     result = invoke("estimate", "--model", "resnet18", "--input-shape", "3,64,64", "--memory", "2GiB", "-q")
     assert result.exit_code == 0, result.output

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import card, module_file, run_cli
+from conftest import card, module_file, needs_plot, needs_vision, run_cli
 
 MODELS = textwrap.dedent(
     """
@@ -92,8 +92,8 @@ def test_lr_json_to_a_missing_folder():
     assert_one_line_error(run(*LR, "--json", "/no/x.json"), 2, "does not exist")
 
 
+@needs_plot
 def test_plot_is_written_where_asked(models, tmp_path):
-    pytest.importorskip("matplotlib")
     target = tmp_path / "noext"
     result = run("estimate", "--model", f"{models}:tiny", "--memory", MEMORY, "--plot", str(target), "-q")
     assert result.exit_code == 0, result.output
@@ -128,8 +128,14 @@ def test_goodput_without_noise_scale_is_rejected_before_any_work():
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["probe", "--model", "resnet50", "--seq-len", "128"], "--seq-len applies to the text models"),
-        (["probe", "--model", "gpt2", "--input-shape", "3,224,224"], "--input-shape applies to image models"),
+        pytest.param(
+            ["probe", "--model", "resnet50", "--seq-len", "128"],
+            "--seq-len applies to the text models",
+            marks=needs_vision,
+        ),
+        pytest.param(
+            ["probe", "--model", "gpt2", "--input-shape", "3,224,224"], "--input-shape applies to image models"
+        ),
     ],
 )
 def test_options_that_do_not_apply_say_what_does(args, match):
@@ -170,6 +176,7 @@ def test_json_byte_counts_are_integers(models):
     assert all(isinstance(data[k], int) for k in data if k.endswith("_bytes") and data[k] is not None)
 
 
+@needs_vision
 def test_rounding_option_and_what_rounding_cost():
     pow2 = run("estimate", "--model", "resnet50", "--memory", "24GiB")
     assert "rounded down to a power of two" in pow2.stdout and "--rounding mult8" in pow2.stdout

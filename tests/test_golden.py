@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import needs_hf, needs_vision, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).with_name("golden")
@@ -43,7 +43,11 @@ def _mask(text: str) -> str:
     return _ELAPSED.sub("elapsed: N s", text)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# Zoo models need their packages; the lr case needs none.
+NEEDS = {"estimate_gpt2_h100": needs_hf, "estimate_resnet50_24gib": needs_vision, "check_resnet50_a10g": needs_vision}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=NEEDS.get(n, ())) for n in sorted(CASES)])
 def test_output_matches_its_golden_file(name, request):
     actual, path = render(name), GOLDEN / f"{name}.out"
     if request.config.getoption("--overwrite-golden"):
