@@ -23,6 +23,18 @@ _OOM_MARKERS = (
     "CUDNN_STATUS_NOT_SUPPORTED",
     # The CPU allocator (c10/core/impl/alloc_cpu.cpp) when real CPU memory runs out.
     "DefaultCPUAllocator: can't allocate memory",
+    # The CUDA driver API (C10_CUDA_DRIVER_CHECK: "CUDA driver error: " + cuGetErrorString):
+    # CUDA_ERROR_OUT_OF_MEMORY, e.g. creating a context or module with the card full.
+    # Lightning counts it as OOM too (its check: "CUDA" and "out of memory").
+    "CUDA driver error: out of memory",
+    # ROCm builds hipify the CUDA messages ("HIP out of memory. Tried to allocate ...",
+    # "HIP error: out of memory"); usually an OutOfMemoryError, a RuntimeError through C10 checks.
+    "HIP out of memory",
+    "HIP error: out of memory",
+    # Intel GPUs' caching allocator (c10/xpu) and Apple's MPS allocator. accelerate treats both as
+    # OOM; probing runs on CUDA, but a user's own loop may use is_oom on them.
+    "XPU out of memory",
+    "MPS backend out of memory",
 )
 
 

@@ -74,3 +74,19 @@ def test_no_cuda_is_one_clear_error(monkeypatch):
 def test_simulated_device_rejects_unknown_compute():
     with pytest.raises(ValueError, match="compute='gpu'"):
         SimulatedDevice(GIB, compute="gpu")
+
+
+def test_an_oom_while_emptying_the_cache_is_not_a_failure(fake_cuda, monkeypatch):
+    device = CudaDevice()
+
+    def flush_fails(message):
+        def flush():
+            raise RuntimeError(message)
+
+        return flush
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", flush_fails("CUDA error: out of memory"))
+    device.empty_cache()  # nothing freed, nothing to report: the next trial measures what is live
+    monkeypatch.setattr(torch.cuda, "empty_cache", flush_fails("CUDA error: an illegal memory access"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        device.empty_cache()

@@ -8,6 +8,21 @@ from conftest import card
 from torch import nn
 
 
+def quiet_trainer(pl, tmp_path, callback, max_steps: int):
+    """A CPU Trainer with nothing but the callback: no logger, checkpoints, bars or summary."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+
+
 def test_lightning_callback_sets_batch_size_and_lr(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     from batchfit.integrations.lightning import BatchfitCallback
@@ -39,17 +54,7 @@ def test_lightning_callback_sets_batch_size_and_lr(tmp_path):
     module = Module()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     callback = BatchfitCallback(memory=card(8))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(pl, tmp_path, callback, max_steps=2)
     # The probe must not move the weights: compare right after setup, before training changes them.
     original_setup = callback.setup
 
@@ -85,7 +90,9 @@ def test_hf_trainer_args_are_set_and_train(tmp_path):
         save_strategy="no",
         logging_strategy="no",
     )
-    result = fit_training_args(args, model, train_dataset=dataset, memory=card(12), target_global_batch=64)
+    result = fit_training_args(
+        args, model, train_dataset=dataset, memory=card(12), target_global_batch=64, scale_lr=True
+    )
     assert args.per_device_train_batch_size == result.recommended_batch_size
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 64
     assert args.gradient_accumulation_steps > 1  # 64 per step does not fit in 12 MiB
@@ -95,3 +102,135 @@ def test_hf_trainer_args_are_set_and_train(tmp_path):
     assert first["input_ids"].shape[0] == args.per_device_train_batch_size
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_hf_keeps_the_global_batch_and_the_rate_and_says_what_changed(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from batchfit.integrations.hf import fit_training_args
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 128, (64,))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=4, learning_rate=5e-5,
+        report_to=[], use_cpu=True,
+    )  # fmt: skip
+    result = fit_training_args(args, model, {"input_ids": ids, "labels": ids}, memory="1GiB")
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32  # the user's global batch
+    assert args.gradient_accumulation_steps == 1 and args.learning_rate == 5e-5  # fits at once; rate untouched
+    assert any("gradient_accumulation_steps 4 -> 1" in n and "learning rate left alone" in n for n in result.notes)
+
+
+# Lightning's own BatchSizeFinder scenarios (tests/tests_pytorch/tuner/test_scale_batch_size.py),
+# each through a real Trainer.fit on CPU.
+def _lightning_case(tmp_path, *, holder: str, dataset: int = 4096, **callback_options):
+    """A module whose batch size lives in `holder` ('module', 'module+hparams', 'datamodule+module',
+    'datamodule-hparams'); returns (module, datamodule or None, callback, trainer, sizes seen)."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from batchfit.integrations.lightning import BatchfitCallback
+
+    seen: list[tuple[int, int | None]] = []
+    data = torch.utils.data.TensorDataset(torch.randn(dataset, 32), torch.randint(0, 4, (dataset,)))
+
+    class Module(pl.LightningModule):
+        def __init__(self, **hparams) -> None:
+            super().__init__()
+            if hparams:
+                self.save_hyperparameters(hparams)
+            self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+
+        def training_step(self, batch, index):
+            x, y = batch
+            seen.append((x.shape[0], getattr(self, "batch_size", None)))
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(data, batch_size=self.batch_size)
+
+    class Data(pl.LightningDataModule):
+        def __init__(self, **hparams) -> None:
+            super().__init__()
+            self.save_hyperparameters(hparams)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(data, batch_size=self.hparams.batch_size)
+
+    datamodule = None
+    module = Module(batch_size=2) if holder == "module+hparams" else Module()
+    if holder in ("module", "module+hparams", "datamodule+module"):
+        module.batch_size = 2
+    if holder.startswith("datamodule"):
+        datamodule = Data(batch_size=2)
+    callback = BatchfitCallback(memory=card(8), **callback_options)
+    trainer = quiet_trainer(pl, tmp_path, callback, max_steps=1)
+    return module, datamodule, callback, trainer, seen
+
+
+def test_lightning_datamodule_hparams_and_module_are_all_set(tmp_path):
+    module, dm, callback, trainer, seen = _lightning_case(tmp_path, holder="datamodule+module")
+    trainer.fit(module, datamodule=dm)
+    answer = callback.result.recommended_batch_size
+    assert answer > 2 and module.batch_size == answer and dm.hparams.batch_size == answer
+    assert seen[-1][0] == answer  # fit trained at the answer, through the datamodule's loader
+
+
+def test_lightning_batch_size_only_in_datamodule_hparams(tmp_path):
+    module, dm, callback, trainer, seen = _lightning_case(tmp_path, holder="datamodule-hparams")
+    trainer.fit(module, datamodule=dm)
+    assert dm.hparams.batch_size == callback.result.recommended_batch_size > 2
+    assert seen[-1][0] == dm.hparams.batch_size
+
+
+def test_lightning_module_attribute_and_hparams_both_change_with_a_warning(tmp_path):
+    module, _, callback, trainer, _ = _lightning_case(tmp_path, holder="module+hparams")
+    with pytest.warns(UserWarning, match="mutually exclusive"):
+        trainer.fit(module)
+    assert module.batch_size == module.hparams.batch_size == callback.result.recommended_batch_size
+
+
+def test_lightning_loader_passed_to_fit_is_refused_before_probing(tmp_path):
+    module, _, callback, trainer, seen = _lightning_case(tmp_path, holder="module")
+    loader = module.train_dataloader()
+    with pytest.raises(ValueError, match=r"passed directly to trainer\.fit"):
+        trainer.fit(module, train_dataloaders=loader)
+    assert callback.result is None and not seen
+
+
+def test_lightning_never_larger_than_the_dataset(tmp_path):
+    module, _, callback, trainer, _ = _lightning_case(tmp_path, holder="module", dataset=64)
+    trainer.fit(module)
+    assert module.batch_size == callback.result.recommended_batch_size <= 64
+
+
+def test_lightning_batch_attribute_holds_each_trials_size(tmp_path):
+    module, _, callback, trainer, seen = _lightning_case(tmp_path, holder="module")
+    trainer.fit(module)
+    trials = {t.batch_size for t in callback.result.trials}
+    during = [attr for size, attr in seen if size in trials]
+    assert during and all(size == attr for size, attr in seen)  # the model saw its batch size right
+
+
+@pytest.mark.parametrize("max_trials", [0, 1])
+def test_lightning_max_trials_never_lowers_the_size_without_evidence(tmp_path, max_trials):
+    module, _, callback, trainer, _ = _lightning_case(tmp_path, holder="module", max_trials=max_trials)
+    trainer.fit(module)
+    assert module.batch_size == 2
+    assert (callback.result is None) == (max_trials == 0)
+
+
+def test_lightning_setup_leaves_the_rng_as_it_was(tmp_path):
+    module, _, callback, trainer, _ = _lightning_case(tmp_path, holder="module")
+    states = []
+    original = callback.setup
+
+    def watched(trainer, pl_module, stage):
+        states.append(torch.get_rng_state())
+        original(trainer, pl_module, stage)
+        states.append(torch.get_rng_state())
+
+    callback.setup = watched
+    trainer.fit(module)
+    assert len(states) == 2 and torch.equal(states[0], states[1])

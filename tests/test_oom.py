@@ -15,6 +15,11 @@ def test_cuda_messages_are_recognised():
         "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
         "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
         "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+        "CUDA driver error: out of memory",  # Lightning's check counts it; so does batchfit
+        "HIP out of memory. Tried to allocate 2.00 GiB",
+        "HIP error: out of memory",
+        "XPU out of memory. Tried to allocate 2.00 GiB",
+        "MPS backend out of memory (MPS allocated: 1.00 GB, other allocations: 0 bytes)",
     ]:
         assert is_oom(RuntimeError(text)), text
 
@@ -24,3 +29,6 @@ def test_real_bugs_are_not_oom():
     assert not is_oom(ValueError("CUDA out of memory"))  # only RuntimeErrors carry the markers
     assert not is_oom(KeyError("out of memory"))
     assert not is_oom(KeyboardInterrupt())
+    # Lightning's broad check ("CUDA" and "out of memory") would call these OOM; they are not.
+    assert not is_oom(RuntimeError("CUDA error: an illegal memory access was encountered (out of memory?)"))
+    assert not is_oom(RuntimeError("CUDA error: misaligned address; checked after out of memory earlier"))

@@ -6,6 +6,8 @@ Call before building the Trainer (its data loaders are made from these arguments
 from __future__ import annotations
 
 import functools
+import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,6 +16,8 @@ from torch.utils._pytree import tree_map
 
 from batchfit.probe import find_batch_size
 from batchfit.result import Result
+
+log = logging.getLogger(__name__)
 
 try:
     from transformers import TrainingArguments, default_data_collator
@@ -49,28 +53,45 @@ def fit_training_args(
     train_dataset: Any = None,
     data_collator: Any = None,
     target_global_batch: int | None = None,
+    scale_lr: bool = False,
     **options: Any,
 ) -> Result:
-    """Probe `model` and set `per_device_train_batch_size`, `gradient_accumulation_steps` and
-    `learning_rate` on `args` in place. The learning rate in `args` is taken as right for the
-    global batch `args` describes now, and scaled (square root for AdamW) to the new one."""
+    """Probe `model` and set `per_device_train_batch_size` and `gradient_accumulation_steps` on
+    `args` in place, keeping the global batch (per device × accumulation × world size) that
+    `args` describes now, or reaching `target_global_batch`.
+
+    The learning rate is left alone unless `scale_lr=True`: then the rate in `args` is taken as
+    right for the global batch `args` describes now and scaled to the new global batch (square
+    root for AdamW), the same meaning the Lightning callback gives its base batch. Every change
+    is logged and listed in the returned result's notes.
+    """
     if sample is None:
         if train_dataset is None:
             raise ValueError("fit_training_args needs sample= (one example) or train_dataset=")
         sample = example_from_dataset(train_dataset, data_collator)
+    before = {name: getattr(args, name) for name in _CHANGED}
     current_global = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     options.setdefault("precision", "bf16" if args.bf16 else "fp16" if args.fp16 else None)
     result = find_batch_size(
         model,
         sample,
         optimizer=_optimizer(args),
-        base_lr=args.learning_rate,
-        base_batch_size=current_global,
-        target_global_batch=target_global_batch,
+        base_lr=args.learning_rate if scale_lr else None,
+        base_batch_size=current_global if scale_lr else None,
+        target_global_batch=target_global_batch or current_global,
         **options,
     )
     args.per_device_train_batch_size = result.recommended_batch_size
     args.gradient_accumulation_steps = result.gradient_accumulation_steps
-    if result.learning_rate is not None:
+    if scale_lr and result.learning_rate is not None:
         args.learning_rate = result.learning_rate
-    return result
+    changes = [
+        f"{name} {before[name]} -> {getattr(args, name)}" for name in _CHANGED if getattr(args, name) != before[name]
+    ]
+    said = "fit_training_args: " + ("; ".join(changes) or "nothing changed")
+    said += f" (global batch {result.global_batch_size}" + (", learning rate left alone)" if not scale_lr else ")")
+    log.info(said)
+    return replace(result, notes=[*result.notes, said])
+
+
+_CHANGED = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate")

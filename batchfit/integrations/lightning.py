@@ -6,6 +6,7 @@ ranks agree (batchfit.distributed), and it trains through the module's real `tra
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from batchfit.memory import budget as memory_budget
 from batchfit.probe import find_batch_size
 from batchfit.result import Result
 
@@ -25,6 +27,15 @@ except ImportError:  # the older package name
         import pytorch_lightning as pl  # type: ignore[no-redef]
     except ImportError as error:
         raise ImportError("batchfit.integrations.lightning needs Lightning: pip install lightning") from error
+
+# Lightning's own attribute lookup: module, module.hparams, datamodule, datamodule.hparams.
+_parsing = importlib.import_module(f"{pl.__name__}.utilities.parsing")
+lightning_getattr, lightning_hasattr, lightning_setattr = (
+    _parsing.lightning_getattr,
+    _parsing.lightning_hasattr,
+    _parsing.lightning_setattr,
+)
+rank_zero_warn = importlib.import_module(f"{pl.__name__}.utilities.rank_zero").rank_zero_warn
 
 log = logging.getLogger(__name__)
 
@@ -57,32 +68,16 @@ def _first_optimizer(value: Any) -> torch.optim.Optimizer | None:
     return None
 
 
-def _owner(trainer: pl.Trainer, module: pl.LightningModule, name: str) -> Any:
-    """Where `name` lives: the datamodule, the module, or the module's hparams (as Lightning looks)."""
-    for obj in (getattr(trainer, "datamodule", None), module):
-        if obj is not None and hasattr(obj, name):
-            return obj
-    if name in getattr(module, "hparams", {}):
-        return module.hparams
-    return None
-
-
-def _get(obj: Any, name: str) -> Any:
-    return obj[name] if isinstance(obj, Mapping) else getattr(obj, name)
-
-
-def _set(obj: Any, name: str, value: Any) -> None:
-    if isinstance(obj, dict):
-        obj[name] = value
-    else:
-        setattr(obj, name, value)
-
-
 class BatchfitCallback(pl.Callback):
     """Probe in `setup("fit")` and set `batch_arg_name` (and the learning rate) on the module.
 
-    The learning rate already on the module (`lr` or `learning_rate`) is taken as right for
-    the batch size already there and scaled to the new one, unless `base_lr` is given.
+    The size is found and written as Lightning's BatchSizeFinder does it: in the module, the
+    datamodule and their hparams (every holder, with Lightning's warning when the module has it
+    twice), never larger than the training set, and held at each trial's size while the trial
+    runs. `max_trials=0` keeps the size; a search cut short never lowers it without evidence.
+    The learning rate already on the module (`lr` or `learning_rate`) is taken as right for the
+    global batch it trains at now (batch size × ranks × accumulate_grad_batches) and scaled to the
+    new global batch, unless `base_lr` is given.
     Options are those of `batchfit.find_batch_size` (e.g. `memory="24GiB"`, `margin=0.2`).
     """
 
@@ -96,48 +91,103 @@ class BatchfitCallback(pl.Callback):
         self.options = options
         self.result: Result | None = None
 
-    def _sample(self, trainer: pl.Trainer, module: pl.LightningModule) -> Any:
-        if self.sample is not None:
-            return self.sample
+    def _sample(self, trainer: pl.Trainer, module: pl.LightningModule) -> tuple[Any, int | None]:
+        """One batch element from the train loader (or `sample=`), and the dataset's length if known.
+
+        Iterating a DataLoader draws a seed from the global RNG; the caller restores it.
+        """
         source = getattr(trainer, "datamodule", None) or module
         try:
-            batch = next(iter(source.train_dataloader()))
+            loader = source.train_dataloader()
+            dataset = getattr(loader, "dataset", None)
+            size = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+            if self.sample is not None:
+                return self.sample, size
+            batch = next(iter(loader))
         except Exception as error:
+            if self.sample is not None:
+                return self.sample, None
             raise ValueError(
                 "BatchfitCallback could not draw a batch from train_dataloader(); pass sample= "
                 f"(one batch element without the batch dimension): {type(error).__name__}: {error}"
             ) from error
-        return tree_map(lambda t: t[0] if isinstance(t, torch.Tensor) else t, batch)
+        return tree_map(lambda t: t[0] if isinstance(t, torch.Tensor) else t, batch), size
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        owner = _owner(trainer, pl_module, self.batch_arg_name)
-        if owner is None:
+        name = self.batch_arg_name
+        # As Lightning's own BatchSizeFinder: a size can only be applied to loaders Lightning builds.
+        if not trainer.fit_loop._data_source.is_module():
             raise ValueError(
-                f"BatchfitCallback: neither the datamodule nor the module has {self.batch_arg_name!r} "
-                "to set; name it with batch_arg_name="
+                "BatchfitCallback cannot set the batch size of dataloaders passed directly to trainer.fit(); "
+                "build them in the LightningModule's or LightningDataModule's train_dataloader()"
             )
+        if not lightning_hasattr(pl_module, name):
+            raise ValueError(
+                f"BatchfitCallback: {name!r} is in neither the module, the datamodule, nor their hparams; "
+                "name the field with batch_arg_name="
+            )
+        if hasattr(pl_module, name) and name in getattr(pl_module, "hparams", {}):
+            rank_zero_warn(
+                f"Field `model.{name}` and `model.hparams.{name}` are mutually exclusive! `model.{name}` "
+                "will be used as the initial batch size for scaling. If this is not the intended behavior, "
+                "please remove either one."
+            )
+        current = int(lightning_getattr(pl_module, name))
         options = dict(self.options)
-        lr_owner, lr_attr = next(
-            ((o, a) for a in _LR_ATTRS if (o := _owner(trainer, pl_module, a)) is not None), (None, None)
-        )
+        if options.get("max_trials") == 0:  # Lightning's meaning: no search; the size stays
+            pl.utilities.rank_zero_info(f"batchfit: max_trials=0, kept {name}={current}")
+            return
+        lr_attr = next((a for a in _LR_ATTRS if lightning_hasattr(pl_module, a)), None)
         if self.scale_lr and lr_attr and "base_lr" not in options:
-            options["base_lr"] = float(_get(lr_owner, lr_attr))
-            options["base_batch_size"] = int(_get(owner, self.batch_arg_name))
+            # The rate goes with the global batch it trained at (per device × ranks × accumulation),
+            # the meaning fit_training_args gives it too; the new rate is for the new global batch.
+            options["base_lr"] = float(lightning_getattr(pl_module, lr_attr))
+            options["base_batch_size"] = current * trainer.world_size * trainer.accumulate_grad_batches
         options.setdefault("precision", _PRECISIONS.get(str(trainer.precision)))
+        rng = torch.get_rng_state()  # drawing a batch and building the optimizer must not move it
         try:
-            optimizer = _first_optimizer(pl_module.configure_optimizers())
-        except Exception as error:  # may need trainer state that does not exist before fit
-            log.info("configure_optimizers() failed before fit (%s); probing with SGD", error)
-            optimizer = None
-        sample = (self._sample(trainer, pl_module),)
-        with mock.patch.object(pl_module, "log"), mock.patch.object(pl_module, "log_dict"):
-            self.result = find_batch_size(_TrainingStep(pl_module), sample, optimizer=optimizer, **options)
-        _set(owner, self.batch_arg_name, self.result.recommended_batch_size)
-        message = f"batchfit: set {self.batch_arg_name}={self.result.recommended_batch_size}"
-        if self.result.learning_rate is not None and lr_attr and self.scale_lr:
-            _set(lr_owner, lr_attr, self.result.learning_rate)
+            try:
+                optimizer = _first_optimizer(pl_module.configure_optimizers())
+            except Exception as error:  # may need trainer state that does not exist before fit
+                log.info("configure_optimizers() failed before fit (%s); probing with SGD", error)
+                optimizer = None
+            sample, dataset_size = self._sample(trainer, pl_module)
+        finally:
+            torch.set_rng_state(rng)
+        if dataset_size:  # as Lightning: never a batch larger than the data
+            options["max_batch_size"] = min(options.get("max_batch_size") or dataset_size, dataset_size)
+
+        def during_trial(batch_size: int) -> None:
+            # A module may size things by its batch attribute (Lightning's own tests' models do).
+            lightning_setattr(pl_module, name, batch_size)
+
+        try:
+            with mock.patch.object(pl_module, "log"), mock.patch.object(pl_module, "log_dict"):
+                self.result = find_batch_size(
+                    _TrainingStep(pl_module), (sample,), optimizer=optimizer, on_trial_start=during_trial, **options
+                )
+        finally:
+            lightning_setattr(pl_module, name, current)
+        answer = self._answer(self.result, current, options)
+        lightning_setattr(pl_module, name, answer)  # every holder Lightning would write
+        message = f"batchfit: set {name}={answer}"
+        if self.result.learning_rate is not None and lr_attr and self.scale_lr and answer != current:
+            lightning_setattr(pl_module, lr_attr, self.result.learning_rate)
             message += f", {lr_attr}={self.result.learning_rate:.6g}"
         log.info("%s (%s)", message, self.result.device)
         pl.utilities.rank_zero_info(message)
+
+    @staticmethod
+    def _answer(result: Result, current: int, options: dict[str, Any]) -> int:
+        """The recommendation, unless a search cut short by max_trials never reached `current`.
+
+        A size is lowered only on evidence: a trial at or below it that failed or broke the budget.
+        """
+        cut_short = "max_trials" in options and len(result.trials) >= options["max_trials"]
+        budget = memory_budget(result.capacity_bytes, result.margin)
+        refuted = any((not t.ok or t.peak_reserved > budget) and t.batch_size <= current for t in result.trials)
+        if result.recommended_batch_size < current and cut_short and not refuted:
+            return current
+        return result.recommended_batch_size
