@@ -234,3 +234,13 @@ def test_lightning_setup_leaves_the_rng_as_it_was(tmp_path):
     callback.setup = watched
     trainer.fit(module)
     assert len(states) == 2 and torch.equal(states[0], states[1])
+
+
+def test_lightning_rate_belongs_to_the_global_batch(tmp_path):
+    module, _, callback, trainer, _ = _lightning_case(tmp_path, holder="module")
+    module.lr = 0.1
+    trainer.accumulate_grad_batches = 2  # what fit will use: the global batch is twice the batch size
+    trainer.fit(module)
+    answer, scaling = module.batch_size, callback.lr_scaling
+    assert scaling is not None and (scaling.base_batch_size, scaling.batch_size) == (2 * 2, answer * 2)
+    assert module.lr == pytest.approx(0.1 * answer / 2)  # SGD, linear rule

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from batchfit.lr import LRScaling, scale_lr
 from batchfit.memory import budget as memory_budget
 from batchfit.probe import find_batch_size
 from batchfit.result import Result
@@ -90,6 +91,7 @@ class BatchfitCallback(pl.Callback):
         self.scale_lr = scale_lr
         self.options = options
         self.result: Result | None = None
+        self.lr_scaling: LRScaling | None = None
 
     def _sample(self, trainer: pl.Trainer, module: pl.LightningModule) -> tuple[Any, int | None]:
         """One batch element from the train loader (or `sample=`), and the dataset's length if known.
@@ -140,11 +142,6 @@ class BatchfitCallback(pl.Callback):
             pl.utilities.rank_zero_info(f"batchfit: max_trials=0, kept {name}={current}")
             return
         lr_attr = next((a for a in _LR_ATTRS if lightning_hasattr(pl_module, a)), None)
-        if self.scale_lr and lr_attr and "base_lr" not in options:
-            # The rate goes with the global batch it trained at (per device × ranks × accumulation),
-            # the meaning fit_training_args gives it too; the new rate is for the new global batch.
-            options["base_lr"] = float(lightning_getattr(pl_module, lr_attr))
-            options["base_batch_size"] = current * trainer.world_size * trainer.accumulate_grad_batches
         options.setdefault("precision", _PRECISIONS.get(str(trainer.precision)))
         rng = torch.get_rng_state()  # drawing a batch and building the optimizer must not move it
         try:
@@ -173,9 +170,23 @@ class BatchfitCallback(pl.Callback):
         answer = self._answer(self.result, current, options)
         lightning_setattr(pl_module, name, answer)  # every holder Lightning would write
         message = f"batchfit: set {name}={answer}"
-        if self.result.learning_rate is not None and lr_attr and self.scale_lr and answer != current:
-            lightning_setattr(pl_module, lr_attr, self.result.learning_rate)
-            message += f", {lr_attr}={self.result.learning_rate:.6g}"
+        new_lr = self.result.learning_rate  # from the user's own base_lr/base_batch_size, if given
+        if lr_attr and self.scale_lr and answer != current and "base_lr" not in options:
+            # The rate goes with the global batch it trains at (batch × ranks × accumulation), the
+            # meaning fit_training_args gives it too, and moves to the new global batch.
+            steps = trainer.world_size * trainer.accumulate_grad_batches
+            self.lr_scaling = scale_lr(
+                float(lightning_getattr(pl_module, lr_attr)),
+                current * steps,
+                answer * steps,
+                rule=options.get("lr_rule", "auto"),
+                optimizer=optimizer if optimizer is not None else "sgd",
+                noise_scale=options.get("noise_scale"),
+            )
+            new_lr = self.lr_scaling.learning_rate
+        if new_lr is not None and lr_attr and self.scale_lr and answer != current:
+            lightning_setattr(pl_module, lr_attr, new_lr)
+            message += f", {lr_attr}={new_lr:.6g}"
         log.info("%s (%s)", message, self.result.device)
         pl.utilities.rank_zero_info(message)
 
