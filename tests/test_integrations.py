@@ -119,6 +119,10 @@ def test_hf_keeps_the_global_batch_and_the_rate_and_says_what_changed(tmp_path):
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32  # the user's global batch
     assert args.gradient_accumulation_steps == 1 and args.learning_rate == 5e-5  # fits at once; rate untouched
     assert any("gradient_accumulation_steps 4 -> 1" in n and "learning rate left alone" in n for n in result.notes)
+    args.max_steps, args.save_strategy, args.logging_strategy = 1, "no", "no"
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": ids, "labels": ids}] * 64)
+    trainer.train()  # the Trainer takes the arguments as set
+    assert trainer.state.global_step == 1
 
 
 # Lightning's own BatchSizeFinder scenarios (tests/tests_pytorch/tuner/test_scale_batch_size.py),
