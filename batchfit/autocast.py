@@ -103,9 +103,15 @@ class CudaAutocastPolicy:
     def __init__(self) -> None:
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    _owner: int | None = None
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
+        if CudaAutocastPolicy._owner == threading.get_ident():
+            # The dispatcher takes one Python kernel per op and key: a nested session cannot stack.
+            raise RuntimeError("a simulated-device session is already running in this thread; they do not nest")
         with self._lock:
+            CudaAutocastPolicy._owner = threading.get_ident()
             library = torch.library.Library("aten", "IMPL")
             try:
                 policy = cuda_policy()
@@ -117,6 +123,7 @@ class CudaAutocastPolicy:
             finally:
                 library._destroy()
                 self._cache.clear()
+                CudaAutocastPolicy._owner = None
 
     def _register(self, library: Any, policy: dict[str, str]) -> None:
         for name in registered("AutocastCPU") | set(policy):

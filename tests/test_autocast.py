@@ -114,3 +114,11 @@ def test_weights_are_cast_once_per_region():
         policy.clear_cache()
         c = torch.mm(torch.randn(4, 16), weight)
         assert c.grad_fn.next_functions[1][0] is not a.grad_fn.next_functions[1][0]
+
+
+def test_sessions_do_not_nest_but_follow_each_other():
+    policy = CudaAutocastPolicy()
+    with policy.installed(), pytest.raises(RuntimeError, match="do not nest"), CudaAutocastPolicy().installed():
+        pass
+    with policy.installed(), torch.autocast("cpu", dtype=torch.bfloat16):  # installable again afterwards
+        assert torch.pow(torch.ones(2).bfloat16(), 2.0).dtype == torch.float32
