@@ -97,6 +97,8 @@ def build_result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elaps
         )
     line, line_alloc = outcome.line, outcome.line_allocated
     return Result(
+        mode=config.mode,
+        eval_batch_size=recommended if config.mode == "eval" else None,
         recommended_batch_size=recommended,
         largest_batch_ran=outcome.largest_ran,
         predicted_limit=outcome.predicted_limit,
@@ -117,4 +119,17 @@ def build_result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elaps
         objective=config.objective,
         timing_is_real=dev.real_timing,
         notes=notes,
+    )
+
+
+def with_evaluation(trained: Result, evaluated: Result) -> Result:
+    """The training answer with the evaluation answer beside it (mode='both')."""
+    return replace(
+        trained,
+        mode="both",
+        eval_batch_size=evaluated.recommended_batch_size,
+        eval_per_sample_bytes=evaluated.per_sample_allocated_bytes,
+        eval_fixed_bytes=evaluated.fixed_allocated_bytes,
+        eval_trials=evaluated.trials,
+        elapsed_s=trained.elapsed_s + evaluated.elapsed_s,
     )

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import click
 
 # torch-free, like memory: `batchfit --help` must not import torch
-from batchfit.config import LR_RULES, OBJECTIVES, PRECISIONS, ROUNDINGS, check_device_name
+from batchfit.config import LR_RULES, MODES, OBJECTIVES, PRECISIONS, ROUNDINGS, check_device_name
 from batchfit.gpus import find_gpu
 from batchfit.memory import parse_size
 
@@ -76,6 +76,11 @@ def _output_path(*, stdout: bool, needs: str | None = None) -> Callable[[click.C
         return value
 
     return callback
+
+
+def _choice(flag: str, choices: tuple[str, ...], help: str) -> Callable[..., Any]:
+    """An option over one of config.py's closed choices; the first is the default."""
+    return click.option(flag, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -140,13 +145,8 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Gradient noise scale B_simple, if known.",
         ),
         click.option("--exact", is_flag=True, help="Also bisect to the exact limit."),
-        click.option(
-            "--rounding",
-            type=click.Choice(ROUNDINGS),
-            default="pow2",
-            show_default=True,
-            help="Round the answer down to a power of two, a multiple of 8, or not at all.",
-        ),
+        _choice("--mode", MODES, "Size training, evaluation (forward only, inference mode), or both."),
+        _choice("--rounding", ROUNDINGS, "Round the answer down to a power of two, a multiple of 8, or not at all."),
         click.option(
             "--target-global-batch",
             type=click.IntRange(min=1),
@@ -190,7 +190,12 @@ class Run:
         self.main_rank = os.environ.get("RANK", "0") == "0"
         self.quiet = opts["quiet"] or not self.main_rank
         self.live = not self.quiet and sys.stderr.isatty()
-        self.optimizer = OPTIMIZERS[opts["optimizer"]]
+        self.optimizer: Any = OPTIMIZERS[opts["optimizer"]]
+        if opts["mode"] == "eval":
+            source = click.get_current_context().get_parameter_source("optimizer")
+            if source == click.core.ParameterSource.COMMANDLINE:
+                raise click.UsageError("--mode eval runs no optimizer step: --optimizer does not apply (--mode both)")
+            self.optimizer = None
         try:
             self.config = batchfit.ProbeConfig(
                 margin=opts["margin"],
@@ -203,6 +208,7 @@ class Run:
                 noise_scale=opts["noise_scale"],
                 exact=opts["exact"],
                 rounding=opts["rounding"],
+                mode=opts["mode"],
                 target_global_batch=opts["target_global_batch"],
                 **extra,
             )

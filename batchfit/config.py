@@ -16,10 +16,12 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Rounding = Literal["pow2", "mult8", "none"]
 LrRule = Literal["auto", "linear", "sqrt", "noise"]
 Objective = Literal["memory", "throughput", "goodput"]
+Mode = Literal["train", "eval", "both"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 LR_RULES: tuple[str, ...] = get_args(LrRule)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+MODES: tuple[str, ...] = get_args(Mode)
 # Where trials run: 'cuda' / 'cuda:N' a real GPU, 'simulated' the offline estimate (fake tensors),
 # 'cpu' the simulated device with real CPU arithmetic (real step times).
 DEVICE_NAMES = ("cuda", "cuda:N", "simulated", "cpu")
@@ -70,6 +72,9 @@ class ProbeConfig:
     """Under torch.distributed: how long ranks wait for each other to report (bounds a crashed rank)."""
     max_trials: int = 40
     """Hard stop for the search, so a pathological memory curve cannot loop for long."""
+    mode: Mode = "train"
+    """'train' (forward, backward, optimizer step), 'eval' (forward only, model.eval(), under
+    torch.inference_mode()) or 'both' (the two sizes in one call)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.margin, (int, float)) and 0 <= self.margin < 1):
@@ -109,6 +114,19 @@ class ProbeConfig:
             raise ValueError(f"dist_timeout_s={self.dist_timeout_s!r} must be a positive number of seconds")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode == "eval":
+            training_only = {
+                "base_lr": self.base_lr,
+                "base_batch_size": self.base_batch_size,
+                "noise_scale": self.noise_scale,
+                "target_global_batch": self.target_global_batch,
+            }
+            given = [k for k, v in training_only.items() if v is not None]
+            if given or self.objective != "memory":
+                named = ", ".join(given + (["objective"] if self.objective != "memory" else []))
+                raise ValueError(f"mode='eval' sizes inference: {named} apply to training only (use mode='both')")
         if self.objective == "goodput" and self.noise_scale is None:
             raise ValueError("objective='goodput' needs noise_scale (the gradient noise scale)")
 

@@ -27,6 +27,14 @@ def plot_result(result: Result, path: str, title: str = "") -> None:
         marker="x",
         label="peak allocated",
     )
+    evaluated = [t for t in result.eval_trials if t.ok]
+    if evaluated:
+        ax.scatter(
+            [t.batch_size for t in evaluated],
+            [t.peak_allocated / GIB for t in evaluated],
+            marker="^",
+            label="evaluation, peak allocated",
+        )
     for t in failed:
         ax.axvline(t.batch_size, color="red", alpha=0.3, linestyle=":")
     if failed:

@@ -7,6 +7,7 @@ pipelines. Both leave the user's model exactly as they found it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from batchfit import devices, distributed
-from batchfit.answer import build_result, finish
+from batchfit.answer import build_result, finish, with_evaluation
 from batchfit.config import ProbeConfig
 from batchfit.devices import Device
 from batchfit.memory import budget as memory_budget
@@ -91,13 +92,14 @@ def _held(
         loss_fn=loss_fn or default_loss,
         make_optimizer=optimizer_factory(optimizer),
         amp_dtype=config.amp_dtype,  # type: ignore[arg-type]
+        train=config.mode != "eval",
     )
     snapshot = ModelSnapshot(model, copy_weights=device.trains_in_place)
     probe = None
     try:
         snapshot.set_grads_aside()
         with device.session(), device.hold(model) as held:
-            model.train()
+            model.train(config.mode != "eval")
             probe = _Probe(
                 device, workload, config.steps_per_trial, held, trainable(model, held), on_trial, on_trial_start
             )
@@ -136,6 +138,23 @@ def find_batch_size(
     """
     config = _config(config, options)
     loss_fn = _loss(loss_fn, step)
+    if config.mode == "eval" and optimizer is not None:
+        raise ValueError("mode='eval' runs no optimizer step: optimizer= does not apply (use mode='both')")
+    if config.mode == "both":
+        probe = functools.partial(
+            find_batch_size,
+            model,
+            sample,
+            loss_fn=loss_fn,
+            device=device,
+            on_trial=on_trial,
+            on_trial_start=on_trial_start,
+            on_start=on_start,
+        )
+        trained = probe(optimizer=optimizer, config=replace(config, mode="train"))
+        inference = replace(config, mode="eval", objective="memory", base_lr=None, base_batch_size=None)
+        evaluated = probe(config=replace(inference, noise_scale=None, target_global_batch=None))
+        return with_evaluation(trained, evaluated)
     group = distributed.setup(config.dist_timeout_s)
     if group is None:
         local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start)

@@ -47,6 +47,18 @@ class Trial:
         }
 
 
+def _trial_table(trials: list[Trial], title: str) -> list[str]:
+    lines = [title] if title else []
+    lines.append(f"{'batch':>7} {'status':>7} {'peak alloc':>11} {'peak reserved':>14} {'s/step':>8} {'samples/s':>10}")
+    for t in trials:
+        sps = f"{t.samples_per_s:10.1f}" if t.samples_per_s else f"{'-':>10}"
+        sec = f"{t.seconds_per_step:8.3f}" if t.seconds_per_step else f"{'-':>8}"
+        peak_a = format_size(t.peak_allocated) if t.ok else "-"
+        peak_r = format_size(t.peak_reserved) if t.ok else "-"
+        lines.append(f"{t.batch_size:>7} {'fitted' if t.ok else 'OOM':>7} {peak_a:>11} {peak_r:>14} {sec} {sps}")
+    return lines
+
+
 @dataclass(frozen=True)
 class Result:
     """The answer of a probe and the evidence behind it."""
@@ -77,6 +89,13 @@ class Result:
     global_batch_size: int | None = None
     ranks: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    mode: str = "train"
+    """What was sized: 'train', 'eval' (forward only, inference mode) or 'both'."""
+    eval_batch_size: int | None = None
+    eval_per_sample_bytes: float | None = None
+    """Evaluation's allocated memory line (mode='both'); the trials are `eval_trials`."""
+    eval_fixed_bytes: float | None = None
+    eval_trials: list[Trial] = field(default_factory=list)
 
     @property
     def headroom_bytes(self) -> float | None:
@@ -89,6 +108,7 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["trials"] = [t.to_dict() for t in self.trials]
+        data["eval_trials"] = [t.to_dict() for t in self.eval_trials]
         data["headroom_bytes"] = self.headroom_bytes
         data["per_device_batch_size"] = self.recommended_batch_size
         # Fitted lines give fractional bytes; a byte count in JSON is a whole number.
@@ -98,21 +118,19 @@ class Result:
 
     def __str__(self) -> str:
         lines = [f"device: {self.device}" + (" — an estimate" if self.is_estimate else "")]
-        lines.append(
-            f"{'batch':>7} {'status':>7} {'peak alloc':>11} {'peak reserved':>14} {'s/step':>8} {'samples/s':>10}"
-        )
-        for t in self.trials:
-            sps = f"{t.samples_per_s:10.1f}" if t.samples_per_s else f"{'-':>10}"
-            sec = f"{t.seconds_per_step:8.3f}" if t.seconds_per_step else f"{'-':>8}"
-            peak_a = format_size(t.peak_allocated) if t.ok else "-"
-            peak_r = format_size(t.peak_reserved) if t.ok else "-"
-            status = "fitted" if t.ok else "OOM"
-            lines.append(f"{t.batch_size:>7} {status:>7} {peak_a:>11} {peak_r:>14} {sec} {sps}")
+        lines += _trial_table(self.trials, "evaluation (forward only)" if self.mode == "eval" else "")
+        if self.eval_trials:
+            lines += ["", *_trial_table(self.eval_trials, "evaluation (forward only)")]
         lines.append("")
         lines.append(
-            f"recommended batch size: {self.recommended_batch_size}"
+            ("evaluation batch size:  " if self.mode == "eval" else "recommended batch size: ")
+            + str(self.recommended_batch_size)
             + (f" (objective: {self.objective})" if self.objective != "memory" else "")
         )
+        if self.mode == "both" and self.eval_batch_size is not None:
+            per = self.eval_per_sample_bytes
+            line = f"evaluation batch size:  {self.eval_batch_size}"
+            lines.append(line + (f" (forward only: {format_size(per)} a sample allocated)" if per else ""))
         if self.world_size > 1 or self.gradient_accumulation_steps > 1:
             lines.append(
                 f"global batch:           {self.global_batch_size} = {self.recommended_batch_size} per device"

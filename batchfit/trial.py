@@ -99,6 +99,8 @@ class Workload:
     loss_fn: LossFn
     make_optimizer: OptimizerFactory
     amp_dtype: torch.dtype | None = None
+    train: bool = True
+    """False: evaluation, a forward under torch.inference_mode() and nothing else."""
 
     def batch(self, device: Device, batch_size: int) -> Any:
         if callable(self.sample) and not isinstance(self.sample, torch.Tensor):
@@ -223,21 +225,25 @@ def _train(
 ) -> None:
     """The steps themselves, in a frame of their own so their tensors die with it."""
     batch = workload.batch(device, batch_size)
-    optimizer = workload.make_optimizer(params)
+    optimizer = workload.make_optimizer(params) if workload.train else None
     amp = workload.amp_dtype
     for step in range(steps):
         start = devices.timer()
         with device.first_step(measurement) if step == 0 else contextlib.nullcontext():
-            with device.autocast(amp):
+            # Evaluation keeps no graph: activations die as soon as the next layer has used them.
+            with device.autocast(amp), contextlib.nullcontext() if workload.train else torch.inference_mode():
                 if isinstance(workload.loss_fn, Step):
                     loss = workload.loss_fn.loss(workload.model, held, batch)
                 else:
                     output = _call(workload.model, held, batch)
                     loss = workload.loss_fn(output, batch)
                     del output
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if optimizer is not None:
+                loss.backward()
+                del loss
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                del loss
             device.synchronize()
         measurement.step_seconds.append(devices.timer() - start)

@@ -115,7 +115,8 @@ def test_hf_keeps_the_global_batch_and_the_rate_and_says_what_changed(tmp_path):
         output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=4, learning_rate=5e-5,
         report_to=[], use_cpu=True,
     )  # fmt: skip
-    result = fit_training_args(args, model, {"input_ids": ids, "labels": ids}, memory="1GiB")
+    result = fit_training_args(args, model, {"input_ids": ids, "labels": ids}, memory="1GiB", eval_batch=True)
+    assert args.per_device_eval_batch_size == result.eval_batch_size > args.per_device_train_batch_size
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32  # the user's global batch
     assert args.gradient_accumulation_steps == 1 and args.learning_rate == 5e-5  # fits at once; rate untouched
     assert any("gradient_accumulation_steps 4 -> 1" in n and "learning rate left alone" in n for n in result.notes)
@@ -248,3 +249,39 @@ def test_lightning_rate_belongs_to_the_global_batch(tmp_path):
     answer, scaling = module.batch_size, callback.lr_scaling
     assert scaling is not None and (scaling.base_batch_size, scaling.batch_size) == (2 * 2, answer * 2)
     assert module.lr == pytest.approx(0.1 * answer / 2)  # SGD, linear rule
+
+
+def test_lightning_sizes_the_validation_batch_when_asked(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from batchfit.integrations.lightning import BatchfitCallback
+
+    data = torch.utils.data.TensorDataset(torch.randn(2**15, 32), torch.randint(0, 4, (2**15,)))
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Linear(32, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 4)
+            )
+            self.batch_size, self.val_batch_size = 2, 2
+
+        def training_step(self, batch, index):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def validation_step(self, batch, index):
+            self.log("val_loss", nn.functional.cross_entropy(self.net(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters())
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(data, batch_size=self.batch_size)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(data, batch_size=self.val_batch_size)
+
+    module = Module()
+    callback = BatchfitCallback(memory=card(256), eval_batch_arg_name="val_batch_size", scale_lr=False)
+    quiet_trainer(pl, tmp_path, callback, max_steps=1).fit(module)
+    assert module.val_batch_size == callback.result.eval_batch_size > module.batch_size
+    assert callback.result.eval_per_sample_bytes < callback.result.per_sample_allocated_bytes

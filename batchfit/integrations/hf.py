@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from batchfit.answer import with_evaluation
 from batchfit.probe import find_batch_size
 from batchfit.result import Result
 
@@ -54,6 +55,7 @@ def fit_training_args(
     data_collator: Any = None,
     target_global_batch: int | None = None,
     scale_lr: bool = False,
+    eval_batch: bool = False,
     **options: Any,
 ) -> Result:
     """Probe `model` and set `per_device_train_batch_size` and `gradient_accumulation_steps` on
@@ -62,8 +64,9 @@ def fit_training_args(
 
     The learning rate is left alone unless `scale_lr=True`: then the rate in `args` is taken as
     right for the global batch `args` describes now and scaled to the new global batch (square
-    root for AdamW), the same meaning the Lightning callback gives its base batch. Every change
-    is logged and listed in the returned result's notes.
+    root for AdamW), the same meaning the Lightning callback gives its base batch. `eval_batch=True`
+    also sizes evaluation (a forward in inference mode) and sets `per_device_eval_batch_size`.
+    Every change is logged and listed in the returned result's notes.
     """
     if sample is None:
         if train_dataset is None:
@@ -83,6 +86,10 @@ def fit_training_args(
     )
     args.per_device_train_batch_size = result.recommended_batch_size
     args.gradient_accumulation_steps = result.gradient_accumulation_steps
+    if eval_batch:
+        evaluated = find_batch_size(model, sample, mode="eval", **options)
+        result = with_evaluation(result, evaluated)
+        args.per_device_eval_batch_size = evaluated.recommended_batch_size
     if scale_lr and result.learning_rate is not None:
         args.learning_rate = result.learning_rate
     changes = [
@@ -94,4 +101,4 @@ def fit_training_args(
     return replace(result, notes=[*result.notes, said])
 
 
-_CHANGED = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate")
+_CHANGED = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "per_device_eval_batch_size")

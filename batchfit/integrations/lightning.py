@@ -14,8 +14,9 @@ from unittest import mock
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
+from batchfit.answer import with_evaluation
 from batchfit.lr import LRScaling, scale_lr
 from batchfit.memory import budget as memory_budget
 from batchfit.probe import find_batch_size
@@ -56,6 +57,19 @@ class _TrainingStep(nn.Module):
         return out["loss"] if isinstance(out, Mapping) else out
 
 
+class _ValidationStep(nn.Module):
+    """Presents `validation_step(batch, 0)` as a forward: what evaluation runs, for its memory."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        out = self.module.validation_step(batch, 0)
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return tensors[0] if tensors else torch.zeros(())  # validation_step may return nothing
+
+
 def _first_optimizer(value: Any) -> torch.optim.Optimizer | None:
     if isinstance(value, torch.optim.Optimizer):
         return value
@@ -76,6 +90,7 @@ class BatchfitCallback(pl.Callback):
     datamodule and their hparams (every holder, with Lightning's warning when the module has it
     twice), never larger than the training set, and held at each trial's size while the trial
     runs. `max_trials=0` keeps the size; a search cut short never lowers it without evidence.
+    `eval_batch_arg_name=` also sizes `validation_step` (inference mode, the val loader's sample).
     The learning rate already on the module (`lr` or `learning_rate`) is taken as right for the
     global batch it trains at now (batch size × ranks × accumulate_grad_batches) and scaled to the
     new global batch, unless `base_lr` is given.
@@ -83,24 +98,33 @@ class BatchfitCallback(pl.Callback):
     """
 
     def __init__(
-        self, *, batch_arg_name: str = "batch_size", sample: Any = None, scale_lr: bool = True, **options: Any
+        self,
+        *,
+        batch_arg_name: str = "batch_size",
+        eval_batch_arg_name: str | None = None,
+        sample: Any = None,
+        scale_lr: bool = True,
+        **options: Any,
     ) -> None:
         super().__init__()
         self.batch_arg_name = batch_arg_name
+        self.eval_batch_arg_name = eval_batch_arg_name
         self.sample = sample
         self.scale_lr = scale_lr
         self.options = options
         self.result: Result | None = None
         self.lr_scaling: LRScaling | None = None
 
-    def _sample(self, trainer: pl.Trainer, module: pl.LightningModule) -> tuple[Any, int | None]:
-        """One batch element from the train loader (or `sample=`), and the dataset's length if known.
+    def _sample(
+        self, trainer: pl.Trainer, module: pl.LightningModule, loader_name: str = "train_dataloader"
+    ) -> tuple[Any, int | None]:
+        """One batch element from the loader (or `sample=`), and the dataset's length if known.
 
         Iterating a DataLoader draws a seed from the global RNG; the caller restores it.
         """
         source = getattr(trainer, "datamodule", None) or module
         try:
-            loader = source.train_dataloader()
+            loader = getattr(source, loader_name)()
             dataset = getattr(loader, "dataset", None)
             size = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
             if self.sample is not None:
@@ -110,7 +134,7 @@ class BatchfitCallback(pl.Callback):
             if self.sample is not None:
                 return self.sample, None
             raise ValueError(
-                "BatchfitCallback could not draw a batch from train_dataloader(); pass sample= "
+                f"BatchfitCallback could not draw a batch from {loader_name}(); pass sample= "
                 f"(one batch element without the batch dimension): {type(error).__name__}: {error}"
             ) from error
         return tree_map(lambda t: t[0] if isinstance(t, torch.Tensor) else t, batch), size
@@ -187,8 +211,33 @@ class BatchfitCallback(pl.Callback):
         if new_lr is not None and lr_attr and self.scale_lr and answer != current:
             lightning_setattr(pl_module, lr_attr, new_lr)
             message += f", {lr_attr}={new_lr:.6g}"
+        if self.eval_batch_arg_name is not None:
+            message += self._size_evaluation(trainer, pl_module, options)
         log.info("%s (%s)", message, self.result.device)
         pl.utilities.rank_zero_info(message)
+
+    def _size_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, options: dict[str, Any]) -> str:
+        """Size `validation_step` in inference mode and set `eval_batch_arg_name`; the message part."""
+        name = self.eval_batch_arg_name
+        assert name is not None
+        if not lightning_hasattr(pl_module, name):
+            raise ValueError(
+                f"BatchfitCallback: {name!r} (eval_batch_arg_name) is in neither the module nor the datamodule"
+            )
+        rng = torch.get_rng_state()
+        try:
+            sample, size = self._sample(trainer, pl_module, "val_dataloader")
+        finally:
+            torch.set_rng_state(rng)
+        keep = {k: v for k, v in options.items() if k in ("memory", "gpu", "margin", "precision", "rounding")}
+        if size:
+            keep["max_batch_size"] = size
+        with mock.patch.object(pl_module, "log"), mock.patch.object(pl_module, "log_dict"):
+            evaluated = find_batch_size(_ValidationStep(pl_module), (sample,), mode="eval", **keep)
+        assert self.result is not None
+        self.result = with_evaluation(self.result, evaluated)
+        lightning_setattr(pl_module, name, evaluated.recommended_batch_size)
+        return f", {name}={evaluated.recommended_batch_size}"
 
     @staticmethod
     def _answer(result: Result, current: int, options: dict[str, Any]) -> int:
