@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from batchfit.gpus import Gpu, find_gpu
 from batchfit.memory import parse_size
@@ -72,6 +72,9 @@ class ProbeConfig:
     """Under torch.distributed: how long ranks wait for each other to report (bounds a crashed rank)."""
     max_trials: int = 40
     """Hard stop for the search, so a pathological memory curve cannot loop for long."""
+    scan_items: int = 1000
+    """When `sample` is data (a dataset or a list of examples): how many items to look at for the
+    largest, which the probe then runs with."""
     mode: Mode = "train"
     """'train' (forward, backward, optimizer step), 'eval' (forward only, model.eval(), under
     torch.inference_mode()) or 'both' (the two sizes in one call)."""
@@ -114,6 +117,8 @@ class ProbeConfig:
             raise ValueError(f"dist_timeout_s={self.dist_timeout_s!r} must be a positive number of seconds")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if not isinstance(self.scan_items, int) or isinstance(self.scan_items, bool) or self.scan_items < 1:
+            raise ValueError(f"scan_items={self.scan_items!r} must be a positive integer")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
         if self.mode == "eval":
@@ -129,6 +134,17 @@ class ProbeConfig:
                 raise ValueError(f"mode='eval' sizes inference: {named} apply to training only (use mode='both')")
         if self.objective == "goodput" and self.noise_scale is None:
             raise ValueError("objective='goodput' needs noise_scale (the gradient noise scale)")
+
+    @classmethod
+    def from_options(cls, config: ProbeConfig | None, options: dict[str, Any]) -> ProbeConfig:
+        """One ProbeConfig from `config=` or from keyword options, never both (nothing dropped silently)."""
+        if config is None:
+            return cls(**options)
+        if options:
+            raise TypeError(f"pass options inside config= or as keywords, not both (got config= and {sorted(options)})")
+        if not isinstance(config, cls):
+            raise TypeError(f"config= must be a batchfit.ProbeConfig, got {type(config).__name__}")
+        return config
 
     @property
     def card(self) -> Gpu | None:

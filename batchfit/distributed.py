@@ -48,6 +48,18 @@ class RankReport:
         return asdict(self)
 
 
+def failure_kind(error: Exception) -> str:
+    """How a rank failed, so that every rank can exit as one process would."""
+    from batchfit.result import DoesNotFitError
+    from batchfit.trial import TrialError
+
+    if isinstance(error, TrialError):
+        return "model"
+    if isinstance(error, DoesNotFitError):
+        return "does_not_fit"
+    return "input" if isinstance(error, (ValueError, TypeError)) else "other"
+
+
 def torchrun_environment() -> bool:
     """True when launched by torchrun (or anything that sets its variables) with several ranks."""
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -23,14 +23,14 @@ from batchfit.devices import Device
 from batchfit.memory import budget as memory_budget
 from batchfit.memory import format_size
 from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
+from batchfit.samples import choose
 from batchfit.search import search
 from batchfit.snapshot import ModelSnapshot
 from batchfit.trial import (
-    Step,
-    TrialError,
     Workload,
     check_sample,
     default_loss,
+    loss_for,
     optimizer_factory,
     run_trial,
     trainable,
@@ -129,78 +129,64 @@ def find_batch_size(
 ) -> Result:
     """Find the largest batch that trains `model` within the memory budget, and its learning rate.
 
-    `sample` is one example without a batch dimension or a callable `batch_size -> batch`.
+    `sample` is one example without a batch dimension, a callable `batch_size -> batch`, or data
+    (a map-style dataset or a list of examples: the largest of `scan_items` is probed with).
     A tensor is passed as `model(x)`, a tuple/list as `model(*sample)`, a dict as
     `model(**sample)`; for anything else, e.g. a dataset's `(inputs, target)` item, pass
     `step(model, batch) -> loss`. Options are those of `ProbeConfig` (or pass `config=`);
     `on_start(device)`, `on_trial_start(B)` and `on_trial(trial)` report progress. Under
     torch.distributed every rank probes its own device and all return the same answer.
     """
-    config = _config(config, options)
-    loss_fn = _loss(loss_fn, step)
+    config = ProbeConfig.from_options(config, options)
+    loss_fn = loss_for(loss_fn, step)
     if config.mode == "eval" and optimizer is not None:
         raise ValueError("mode='eval' runs no optimizer step: optimizer= does not apply (use mode='both')")
+    chosen = choose(sample, config.scan_items)
     if config.mode == "both":
-        probe = functools.partial(
+        again = functools.partial(
             find_batch_size,
             model,
-            sample,
+            chosen.sample,
             loss_fn=loss_fn,
             device=device,
             on_trial=on_trial,
             on_trial_start=on_trial_start,
             on_start=on_start,
         )
-        trained = probe(optimizer=optimizer, config=replace(config, mode="train"))
+        trained = again(optimizer=optimizer, config=replace(config, mode="train"))
         inference = replace(config, mode="eval", objective="memory", base_lr=None, base_batch_size=None)
-        evaluated = probe(config=replace(inference, noise_scale=None, target_global_batch=None))
-        return with_evaluation(trained, evaluated)
+        evaluated = again(config=replace(inference, noise_scale=None, target_global_batch=None))
+        result = with_evaluation(trained, evaluated)
+    else:
+        here = functools.partial(
+            _probe_here, model, chosen.sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start
+        )
+        result = _agreed(here, config, optimizer)
+    if chosen.note is None:
+        return result
+    return replace(result, sample_index=chosen.index, notes=[chosen.note, *result.notes])
+
+
+def _agreed(here: Callable[[], Result], config: ProbeConfig, optimizer: Any) -> Result:
+    """This process's probe (`here`), agreed with the other ranks' under torch.distributed."""
     group = distributed.setup(config.dist_timeout_s)
     if group is None:
-        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start)
-        return finish(local, config, optimizer, [])
+        return finish(here(), config, optimizer, [])
     rank = distributed.rank(group)
     try:
-        local = _probe_here(model, sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start)
+        local = here()
         report = distributed.RankReport(rank, local.recommended_batch_size, local.device, local.capacity_bytes)
         failure: Exception | None = None
     except Exception as error:  # every rank must join the agreement, failed or not
-        report = distributed.RankReport(rank, None, "", 0, f"{type(error).__name__}: {error}", _failure_kind(error))
+        report = distributed.RankReport(
+            rank, None, "", 0, f"{type(error).__name__}: {error}", distributed.failure_kind(error)
+        )
         failure = error
     try:
         reports = distributed.agree(group, report)
     except distributed.DistributedProbeError as error:
         raise error from failure
     return finish(local, config, optimizer, reports)
-
-
-def _loss(loss_fn: Any, step: Any) -> Any:
-    """The loss of a trial: the user's `step(model, batch)`, or `loss_fn(output, batch)`, or the default."""
-    if step is None:
-        return loss_fn
-    if loss_fn is not None:
-        raise ValueError("pass step= (model, batch) -> loss or loss_fn= (output, batch) -> loss, not both")
-    return Step(step)
-
-
-def _failure_kind(error: Exception) -> str:
-    """How a rank failed, so that every rank can exit as one process would."""
-    if isinstance(error, TrialError):
-        return "model"
-    if isinstance(error, DoesNotFitError):
-        return "does_not_fit"
-    return "input" if isinstance(error, (ValueError, TypeError)) else "other"
-
-
-def _config(config: ProbeConfig | None, options: dict[str, Any]) -> ProbeConfig:
-    """One ProbeConfig from `config=` or from keyword options, never both (nothing dropped silently)."""
-    if config is None:
-        return ProbeConfig(**options)
-    if options:
-        raise TypeError(f"pass options inside config= or as keywords, not both (got config= and {sorted(options)})")
-    if not isinstance(config, ProbeConfig):
-        raise TypeError(f"config= must be a batchfit.ProbeConfig, got {type(config).__name__}")
-    return config
 
 
 def _probe_here(
@@ -260,8 +246,9 @@ def preflight(
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-    config = _config(config, options)
-    loss_fn = _loss(loss_fn, step)
+    config = ProbeConfig.from_options(config, options)
+    loss_fn = loss_for(loss_fn, step)
+    sample = choose(sample, config.scan_items).sample  # the worst input decides whether it fits
     dev = devices.resolve_device(device, config)
     if on_start is not None:
         on_start(dev)

@@ -96,6 +96,8 @@ class Result:
     """Evaluation's allocated memory line (mode='both'); the trials are `eval_trials`."""
     eval_fixed_bytes: float | None = None
     eval_trials: list[Trial] = field(default_factory=list)
+    sample_index: int | None = None
+    """When the sample was data: the item probed with (the largest scanned)."""
 
     @property
     def headroom_bytes(self) -> float | None:

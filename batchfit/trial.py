@@ -130,6 +130,15 @@ class Step:
         return functional_call(wrapper, {f"model.{k}": v for k, v in tensors.items()}, (batch,))
 
 
+def loss_for(loss_fn: Any, step: Any) -> Any:
+    """The loss of a trial: the user's `step(model, batch)`, or `loss_fn(output, batch)`, or the default."""
+    if step is None:
+        return loss_fn
+    if loss_fn is not None:
+        raise ValueError("pass step= (model, batch) -> loss or loss_fn= (output, batch) -> loss, not both")
+    return Step(step)
+
+
 class _StepModule(nn.Module):
     def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
         super().__init__()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import linear_stack, run_cli
+from conftest import card, linear_stack, run_cli
 from torch import nn
 
 import batchfit
@@ -78,3 +78,54 @@ def test_cli_mode(tmp_path):
         "estimate", "--model", f"{path}:mlp", "--memory", "1GiB", "--mode", "eval", "--optimizer", "adamw"
     )
     assert refused.exit_code == 2 and "--optimizer does not apply" in refused.stderr
+
+
+# The worst input, not the first (issue 12, part 2).
+class Tokens(torch.utils.data.Dataset):
+    """Sequences of varying length; item 37 is the longest."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.lengths = [8] + [int(x) for x in torch.randint(8, 256, (99,), generator=generator)]
+        self.lengths[37] = 512
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int):
+        return (torch.randint(0, 100, (self.lengths[index],)),)
+
+
+class Pooled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(100, 256), nn.Linear(256, 256)
+
+    def forward(self, ids):
+        return self.fc(self.embed(ids)).relu().mean(dim=1)
+
+
+def test_data_is_probed_with_its_largest_item_and_that_answer_trains_every_item():
+
+    data, model = Tokens(), Pooled()
+    result = batchfit.find_batch_size(model, data, memory=card(64), rounding="none")
+    assert result.sample_index == 37 and "largest of 100 scanned" in result.notes[0]
+    first = batchfit.find_batch_size(model, data[0], memory=card(64), rounding="none")
+    assert first.recommended_batch_size > result.recommended_batch_size
+    longest = data[37]
+    assert batchfit.preflight(model, longest, result.recommended_batch_size, memory=card(64)).fits
+    with pytest.raises(batchfit.DoesNotFitError):  # the size found on the first, short item
+        batchfit.preflight(model, longest, first.recommended_batch_size, memory=card(64))
+
+
+def test_which_samples_are_data():
+    from batchfit.samples import choose, is_collection
+
+    x = torch.randn(4)
+    assert not is_collection(x) and not is_collection((x, x)) and not is_collection({"a": x})
+    assert not is_collection(((x, x),))  # one argument that is a pair (the Lightning callback's form)
+    assert is_collection([(x,), (x,)]) and is_collection([{"a": x}]) and is_collection(Tokens())
+    picked = choose([{"a": torch.ones(3)}, {"a": torch.ones(9)}, {"a": torch.ones(5)}], scan_items=2)
+    assert picked.index == 1 and "2 scanned of 3" in picked.note
+    with pytest.raises(ValueError, match="scan_items=0"):
+        batchfit.find_batch_size(linear_stack(1, 8), torch.randn(8), memory="1GiB", scan_items=0)
