@@ -247,6 +247,8 @@ def preflight(
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     config = ProbeConfig.from_options(config, options)
+    if config.mode == "both":
+        raise ValueError("preflight checks one batch size for one use: mode='train' or mode='eval'")
     loss_fn = loss_for(loss_fn, step)
     sample = choose(sample, config.scan_items).sample  # the worst input decides whether it fits
     dev = devices.resolve_device(device, config)

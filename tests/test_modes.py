@@ -129,3 +129,12 @@ def test_which_samples_are_data():
     assert picked.index == 1 and "2 scanned of 3" in picked.note
     with pytest.raises(ValueError, match="scan_items=0"):
         batchfit.find_batch_size(linear_stack(1, 8), torch.randn(8), memory="1GiB", scan_items=0)
+
+
+def test_preflight_in_eval_mode_and_not_both():
+    model = linear_stack(4, 512)
+    assert batchfit.preflight(model, torch.randn(512), 16384, memory="256MiB", mode="eval").fits
+    with pytest.raises(batchfit.DoesNotFitError):  # the same batch, trained, does not fit
+        batchfit.preflight(model, torch.randn(512), 16384, memory="256MiB")
+    with pytest.raises(ValueError, match="one batch size for one use"):
+        batchfit.preflight(model, torch.randn(512), 8, memory="256MiB", mode="both")
