@@ -138,3 +138,16 @@ def test_preflight_in_eval_mode_and_not_both():
         batchfit.preflight(model, torch.randn(512), 16384, memory="256MiB")
     with pytest.raises(ValueError, match="one batch size for one use"):
         batchfit.preflight(model, torch.randn(512), 8, memory="256MiB", mode="both")
+
+
+def test_an_inputs_target_item_trains_through_step():
+    model = nn.Linear(16, 4)
+    item = (torch.randn(16), torch.tensor(2))  # a dataset's (inputs, target)
+    with pytest.raises(batchfit.TrialError, match="positional argument"):  # forward(x, y): not how it is called
+        batchfit.find_batch_size(model, item, memory="256MiB")
+    result = batchfit.find_batch_size(
+        model, item, memory="256MiB", step=lambda m, batch: nn.functional.cross_entropy(m(batch[0]), batch[1])
+    )
+    assert result.recommended_batch_size > 1
+    with pytest.raises(ValueError, match="not both"):
+        batchfit.find_batch_size(model, item, memory="256MiB", step=lambda m, b: m(b[0]).sum(), loss_fn=lambda o, b: o)
