@@ -8,6 +8,7 @@ its own timeout, so no rank waits forever on a rank that crashed.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -79,6 +80,9 @@ def setup(timeout_s: float) -> Any:
         timeout = datetime.timedelta(seconds=timeout_s)
         backend = "nccl" if devices.cuda_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=timeout)
+        # Ours, so ours to close: a process group still open when the interpreter shuts down can
+        # abort it ("terminate called without an active exception", exit -6 instead of ours).
+        atexit.register(_close_default_group)
         log.info("initialised %s process group, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
     if dist.get_world_size() < 2:
         return None
@@ -86,6 +90,11 @@ def setup(timeout_s: float) -> Any:
         devices.select_cuda(int(os.environ.get("LOCAL_RANK", dist.get_rank() % devices.cuda_count())))
     # A CPU-side group with our own timeout: agreement must not hang on NCCL's or a dead rank.
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _close_default_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank(group: Any) -> int:
