@@ -207,7 +207,7 @@ class SimulatedDevice(Device):
         name: str | None = None,
         workspaces: tuple[int, ...] = HOPPER_WORKSPACES,
         context_bytes: int | None = None,
-        notes: tuple[str, ...] = (),
+        caveat: str | None = None,
     ) -> None:
         if compute not in ("fake", "real"):
             raise ValueError(f"compute={compute!r} is not one of 'fake', 'real'")
@@ -236,7 +236,8 @@ class SimulatedDevice(Device):
                 f"capacity is the card's total less {format_size(context_bytes)} of CUDA context, which "
                 "lives outside the caching allocator (measured on Hopper cards, CUDA 12)"
             )
-        self.notes = (*notes, *extra)
+        self.caveat = caveat
+        self.notes = (*([caveat] if caveat else []), *extra)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -382,9 +383,7 @@ def resolve_device(device: Device | str | None, config: ProbeConfig) -> Device:
                 f"no CUDA GPU here: simulating a GPU the size of this machine's free RAM ({format_size(free)}); "
                 "use --gpu NAME or --memory SIZE (gpu=, memory=) to plan for a GPU"
             )
-            fallback = SimulatedDevice(free, name="this machine's free RAM", notes=(caveat,))
-            fallback.caveat = caveat
-            return fallback
+            return SimulatedDevice(free, name="this machine's free RAM", caveat=caveat)
         raise ValueError(
             f"device={device!r} needs a capacity: pass memory='24GiB' or gpu='A10G' (no CUDA GPU to measure)"
         )

@@ -75,9 +75,15 @@ def predict_limit(trials: Sequence[Mapping[str, Any]], capacity_bytes: int) -> i
         fixed=allocated.fixed + LARGEST_FRACTION * largest.fixed,
         per_sample=allocated.per_sample + LARGEST_FRACTION * largest.per_sample,
     )
-    limit = line.max_batch(capacity_bytes) if line.per_sample > 0 else 2**62
+    limit = line.max_batch(capacity_bytes)
     ran = [t["batch_size"] for t in trials if t.get("status") == "fitted"]
     failed = [t["batch_size"] for t in trials if t.get("status") == "oom"]
     if failed:
         limit = min(limit, min(failed) - 1)
     return max(limit, max(ran))
+
+
+def before_first_oom(trials: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The trials a probe ran before its first out-of-memory error: all below the limit."""
+    cut = next((i for i, t in enumerate(trials) if t.get("status") != "fitted"), len(trials))
+    return list(trials[:cut])

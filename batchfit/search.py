@@ -10,8 +10,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from batchfit.limit import FIT_MIN_BATCH, FIT_SPAN, fit_sizes, predict_limit
-from batchfit.memory import MemoryLine, fit_line, round_batch
+from batchfit.limit import FIT_MIN_BATCH, FIT_SPAN, fit_key, predict_limit
+from batchfit.memory import MemoryLine, round_batch
 from batchfit.memory import budget as memory_budget
 from batchfit.result import Trial
 
@@ -40,12 +40,9 @@ class SearchOutcome:
 
 
 def fit_trials(trials: list[Trial], key: str = "peak_reserved") -> MemoryLine | None:
-    """The memory line of `key` through the successful trials that describe large batches."""
-    ok = [t for t in trials if t.ok]
-    sizes = set(fit_sizes(t.batch_size for t in ok))
-    if len(sizes) < 2:
-        return None
-    return fit_line([(t.batch_size, getattr(t, key)) for t in ok if t.batch_size in sizes])
+    """The memory line of `key` ('peak_reserved', 'peak_allocated') through the trials that
+    describe large batches: the limit model's own selection (`limit.fit_key`)."""
+    return fit_key([t.to_dict() for t in trials], f"{key}_bytes")
 
 
 def reserved_model(trials: list[Trial]) -> MemoryLine | None:

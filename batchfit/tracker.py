@@ -28,7 +28,6 @@ class MemoryTracker(TorchDispatchMode):
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
-        self.capacity = capacity
         self.allocator = CachingAllocator(capacity)
         self._live: dict[int, Block | None] = {}
 
@@ -50,7 +49,7 @@ class MemoryTracker(TorchDispatchMode):
             raise torch.OutOfMemoryError(
                 # Worded as CUDA's own message, so other tools' OOM checks recognise it too.
                 f"CUDA out of memory. Tried to allocate {format_size(error.size)}. Simulated GPU of "
-                f"{format_size(self.capacity)}: {format_size(error.allocated)} allocated, "
+                f"{format_size(error.capacity)}: {format_size(error.allocated)} allocated, "
                 f"{format_size(error.reserved)} reserved by the caching allocator"
             ) from None
 

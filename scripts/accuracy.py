@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from batchfit import find_batch_size, predict_limit  # noqa: E402
 from batchfit.devices import SimulatedDevice  # noqa: E402
+from batchfit.limit import before_first_oom  # noqa: E402
 from batchfit.memory import GIB, MIB  # noqa: E402
 from batchfit.models import OPTIMIZERS, build  # noqa: E402
 
@@ -51,12 +52,6 @@ def load_trace(name: str) -> dict[str, Any]:
         if not trial.get("largest_alloc_bytes") and str(trial["batch_size"]) in derived:
             trial["largest_alloc_bytes"] = derived[str(trial["batch_size"])]
     return trace
-
-
-def before_first_oom(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The trials a probe had run before it first ran out of memory: all below the limit."""
-    cut = next((i for i, t in enumerate(trials) if t["status"] != "fitted"), len(trials))
-    return trials[:cut]
 
 
 def _simulate(case: dict[str, Any], capacity: int, **options: Any) -> Any:

@@ -31,11 +31,7 @@ from bench_peers import SUITES, Bench, Case
 
 import batchfit
 from batchfit.devices import SimulatedDevice
-
-
-def _before_first_oom(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    cut = next((i for i, t in enumerate(trials) if t["status"] != "fitted"), len(trials))
-    return trials[:cut]
+from batchfit.limit import before_first_oom
 
 
 def run_case(case: Case, suite: str, steps: int, deadline: float, out: Path | None) -> dict[str, Any]:
@@ -47,15 +43,15 @@ def run_case(case: Case, suite: str, steps: int, deadline: float, out: Path | No
     result = batchfit.find_batch_size(model, sample, device=device, **common)
     print(result, flush=True)
     trace = {"model": case.name, "torch": torch.__version__, **result.to_dict()}
-    trials = trace["trials"]
+    below = before_first_oom(trace["trials"])
     row.update(
         probe_s=time.perf_counter() - start,
         trials=len(result.trials),
         oom_trials=sum(not t.ok for t in result.trials),
         recommended=result.recommended_batch_size,
         predicted_limit=result.predicted_limit,
-        predicted_below=batchfit.predict_limit(_before_first_oom(trials), result.capacity_bytes)
-        if len({t["batch_size"] for t in _before_first_oom(trials)}) >= 2
+        predicted_below=batchfit.predict_limit(below, result.capacity_bytes)
+        if len({t["batch_size"] for t in below}) >= 2
         else None,
         alloc_mib=(result.per_sample_allocated_bytes or 0) / 2**20,
         knee=result.throughput_knee,

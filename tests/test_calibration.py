@@ -10,6 +10,7 @@ import pytest
 from conftest import needs_hf, needs_vision
 
 from batchfit import predict_limit
+from batchfit.limit import before_first_oom
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -29,7 +30,7 @@ def test_every_recorded_trace_has_a_case_and_derived_allocations():
 @pytest.mark.parametrize("name", TRACES)
 def test_predict_limit_from_trials_below_the_limit(name):
     trace = accuracy.load_trace(name)
-    below = accuracy.before_first_oom(trace["trials"])
+    below = before_first_oom(trace["trials"])
     assert all(t["batch_size"] < accuracy.CASES[name]["exact"] for t in below)
     predicted = predict_limit(below, trace["capacity_bytes"])
     assert predicted == pytest.approx(accuracy.CASES[name]["exact"], rel=0.03)

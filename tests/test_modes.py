@@ -151,3 +151,24 @@ def test_an_inputs_target_item_trains_through_step():
     assert result.recommended_batch_size > 1
     with pytest.raises(ValueError, match="not both"):
         batchfit.find_batch_size(model, item, memory="256MiB", step=lambda m, b: m(b[0]).sum(), loss_fn=lambda o, b: o)
+
+
+def test_step_leaves_model_and_optimizer_as_they_were():
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    nn.functional.cross_entropy(model(torch.randn(8, 16)), torch.randint(0, 4, (8,))).backward()
+    optimizer.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    momentum = {k: v["momentum_buffer"].clone() for k, v in optimizer.state.items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    batchfit.find_batch_size(
+        model,
+        (torch.randn(16), torch.tensor(1)),
+        optimizer=optimizer,
+        memory="256MiB",
+        device="cpu",  # real arithmetic: the trials train the user's own tensors, then restore them
+        step=lambda m, batch: nn.functional.cross_entropy(m(batch[0]), batch[1]),
+    )
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(optimizer.state[k]["momentum_buffer"], v) for k, v in momentum.items())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
