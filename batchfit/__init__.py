@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # type checkers see the real names; at run time they load on first use
+    from batchfit.compiled import CompileError
     from batchfit.config import ProbeConfig
     from batchfit.devices import CudaDevice, Device, SimulatedDevice, device_kind
     from batchfit.distributed import DistributedProbeError
@@ -28,6 +29,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 _EXPORTS = {
     "CheckResult": "batchfit.result",
+    "CompileError": "batchfit.compiled",
     "CudaDevice": "batchfit.devices",
     "Device": "batchfit.devices",
     "DistributedProbeError": "batchfit.distributed",
@@ -51,6 +53,7 @@ _EXPORTS = {
 
 __all__ = (
     "CheckResult",
+    "CompileError",
     "CudaDevice",
     "Device",
     "DistributedProbeError",

@@ -95,6 +95,16 @@ def build_result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elaps
             f"batch {recommended} needed {chosen.alloc_retries} allocator retries (cache flushes): it fits "
             "only just; consider a larger margin"
         )
+    compile_info = compile_summary(outcome, dev) if config.compile else None
+    if compile_info and dev.is_estimate:
+        notes.append(
+            f"compiled with backend {compile_info['backend']}: what the graph saves for backward as "
+            "inductor partitions it, with eager kernels; inductor's fusion of temporaries is not counted"
+        )
+    if compile_info and compile_info["graph_breaks"]:
+        notes.append(
+            f"{compile_info['graph_breaks']} graph breaks: parts of the step ran eager between compiled graphs"
+        )
     line, line_alloc = outcome.line, outcome.line_allocated
     return Result(
         mode=config.mode,
@@ -119,7 +129,19 @@ def build_result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elaps
         objective=config.objective,
         timing_is_real=dev.real_timing,
         notes=notes,
+        compiled=compile_info,
     )
+
+
+def compile_summary(outcome: SearchOutcome, dev: Device) -> dict[str, Any]:
+    """How often the compiled step compiled: the first trial compiles, any later compile is a recompile."""
+    counts = [t.compilations for t in outcome.trials]
+    return {
+        "backend": dev.compile_backend,
+        "compilations": sum(counts),
+        "recompiles": sum(counts[1:]),
+        "graph_breaks": sum(t.graph_breaks for t in outcome.trials),
+    }
 
 
 def with_evaluation(trained: Result, evaluated: Result) -> Result:

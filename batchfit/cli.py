@@ -145,6 +145,12 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Gradient noise scale B_simple, if known.",
         ),
         click.option("--exact", is_flag=True, help="Also bisect to the exact limit."),
+        click.option(
+            "--compile",
+            "compile_model",
+            is_flag=True,
+            help="Measure the model under torch.compile (batch dimension dynamic).",
+        ),
         _choice("--mode", MODES, "Size training, evaluation (forward only, inference mode), or both."),
         _choice("--rounding", ROUNDINGS, "Round the answer down to a power of two, a multiple of 8, or not at all."),
         click.option(
@@ -209,6 +215,7 @@ class Run:
                 exact=opts["exact"],
                 rounding=opts["rounding"],
                 mode=opts["mode"],
+                compile=opts["compile_model"],
                 target_global_batch=opts["target_global_batch"],
                 **extra,
             )

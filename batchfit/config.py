@@ -78,6 +78,10 @@ class ProbeConfig:
     mode: Mode = "train"
     """'train' (forward, backward, optimizer step), 'eval' (forward only, model.eval(), under
     torch.inference_mode()) or 'both' (the two sizes in one call)."""
+    compile: bool = False
+    """Measure the model under torch.compile (batch dimension dynamic); the model object stays
+    uncompiled. On CUDA with inductor; on the simulated device with AOTAutograd's graph and
+    inductor's partitioner but eager kernels (docs/design.md)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.margin, (int, float)) and 0 <= self.margin < 1):
@@ -121,6 +125,8 @@ class ProbeConfig:
             raise ValueError(f"scan_items={self.scan_items!r} must be a positive integer")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile={self.compile!r} must be True or False")
         if self.mode == "eval":
             training_only = {
                 "base_lr": self.base_lr,

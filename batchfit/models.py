@@ -69,6 +69,10 @@ def _hf(name: str, seq_len: int | None, place: Any = None) -> ModelSpec:
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if max_pos and seq > max_pos:
         raise ValueError(f"--seq-len {seq} is longer than {name}'s {max_pos} positions")
+    if family["labels"] == "lm" and getattr(model, "loss_type", "") is None:
+        # The loss transformers falls back to anyway; unset, every forward logs a warning, which
+        # is also a graph break under torch.compile.
+        model.loss_type = "ForCausalLM"
     sample = _token_sample(config.vocab_size, seq, family["labels"])
     if family["labels"] == "seq2seq":
         sample["labels"] = sample["input_ids"].clone()

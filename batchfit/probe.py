@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from batchfit import devices, distributed
+from batchfit import compiled, devices, distributed
 from batchfit.answer import build_result, finish, with_evaluation
 from batchfit.config import ProbeConfig
 from batchfit.devices import Device
@@ -93,6 +93,7 @@ def _held(
         make_optimizer=optimizer_factory(optimizer),
         amp_dtype=config.amp_dtype,  # type: ignore[arg-type]
         train=config.mode != "eval",
+        compile_backend=device.compile_backend if config.compile else None,
     )
     snapshot = ModelSnapshot(model, copy_weights=device.trains_in_place)
     probe = None
@@ -109,6 +110,8 @@ def _held(
             probe.held.clear()
             probe.params.clear()
         snapshot.restore()
+        if workload.compiled:
+            compiled.reset()
         gc.collect()  # one full collection at the end, not per trial: it costs ~0.1 s in a big process
         device.empty_cache()
 
@@ -210,7 +213,9 @@ def _probe_here(
             probe.run,
             dev.capacity,
             margin=config.margin,
-            start=2 if _has_batchnorm(model) else 1,
+            # Dynamo specialises size 1: a compiled probe starting there would compile a graph for
+            # size 1 alone, and every frame would recompile at 2.
+            start=2 if _has_batchnorm(model) or config.compile else 1,
             max_batch_size=config.max_batch_size,
             rounding=config.rounding,
             exact=config.exact,

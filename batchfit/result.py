@@ -26,6 +26,9 @@ class Trial:
     """The largest single allocation (bytes): a request no free hole fits can fail early."""
     peak_inactive_split: int = 0
     """Peak free bytes stranded in partly used segments (the allocator's fragmentation)."""
+    compilations: int = 0
+    """Frames torch.compile compiled during this trial (compile=True): after the first, recompiles."""
+    graph_breaks: int = 0
 
     @property
     def samples_per_s(self) -> float | None:
@@ -44,6 +47,8 @@ class Trial:
             "alloc_retries": self.alloc_retries,
             "largest_alloc_bytes": self.largest_alloc,
             "peak_inactive_split_bytes": self.peak_inactive_split,
+            "compilations": self.compilations,
+            "graph_breaks": self.graph_breaks,
         }
 
 
@@ -98,6 +103,8 @@ class Result:
     eval_trials: list[Trial] = field(default_factory=list)
     sample_index: int | None = None
     """When the sample was data: the item probed with (the largest scanned)."""
+    compiled: dict[str, Any] | None = None
+    """compile=True: the backend, frames compiled, recompiles after the first trial, graph breaks."""
 
     @property
     def headroom_bytes(self) -> float | None:
@@ -162,6 +169,12 @@ class Result:
             lines.append(
                 f"headroom:               {format_size(headroom)} of {format_size(self.capacity_bytes)} "
                 f"(margin {self.margin:.0%})"
+            )
+        if self.compiled:
+            c = self.compiled
+            lines.append(
+                f"compiled:               {c['backend']}, {c['compilations']} compilations "
+                f"({c['recompiles']} after the first trial), {c['graph_breaks']} graph breaks"
             )
         if self.throughput_knee is not None:
             lines.append(f"throughput knee:        {self.throughput_knee} (95% of best samples/s)")

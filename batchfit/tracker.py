@@ -31,6 +31,13 @@ class MemoryTracker(TorchDispatchMode):
         self.allocator = CachingAllocator(capacity)
         self._live: dict[int, Block | None] = {}
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Without this dynamo skips every frame while the tracker is active: a compiled model
+        # would silently run eager. With it, the tracker is off while dynamo traces and on for
+        # the compiled graph's own operators.
+        return True
+
     @property
     def allocated(self) -> int:
         return self.allocator.allocated

@@ -7,7 +7,7 @@ import inspect
 import statistics
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
-from batchfit import devices
+from batchfit import compiled, devices
 from batchfit.devices import Device
 from batchfit.oom import is_oom, release
 from batchfit.result import Trial
@@ -101,15 +101,44 @@ class Workload:
     amp_dtype: torch.dtype | None = None
     train: bool = True
     """False: evaluation, a forward under torch.inference_mode() and nothing else."""
+    compile_backend: str | None = None
+    """A torch.compile backend: the step is compiled once, on first use, and reused by every trial."""
+    compilations: int = 0
+    """Frames dynamo has compiled for this workload so far."""
+    _compiled: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile_backend is not None
 
     def batch(self, device: Device, batch_size: int) -> Any:
         if callable(self.sample) and not isinstance(self.sample, torch.Tensor):
-            return device.put(_as_tree(self.sample(batch_size)))
-        one = device.put(_as_tree(self.sample))
-        return tree_map(
-            lambda t: t.unsqueeze(0).expand(batch_size, *t.shape).contiguous() if isinstance(t, torch.Tensor) else t,
-            one,
-        )
+            batch = device.put(_as_tree(self.sample(batch_size)))
+        else:
+            batch = tree_map(
+                lambda t: _repeat(t, batch_size) if isinstance(t, torch.Tensor) else t,
+                device.put(_as_tree(self.sample)),
+            )
+        if self.compiled:
+            compiled.mark_batch_dynamic(batch)
+        return batch
+
+    def loss(self, held: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """The loss of one step, through the compiled step when compiling."""
+        if self.compile_backend is None:
+            return self._loss(held, batch)
+        if self._compiled is None:
+            self._compiled = compiled.compile_step(self._loss, self.compile_backend)
+        return self._compiled(held, batch)
+
+    def _loss(self, held: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        if isinstance(self.loss_fn, Step):
+            return self.loss_fn.loss(self.model, held, batch)
+        return self.loss_fn(_call(self.model, held, batch), batch)
+
+
+def _repeat(example: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return example.unsqueeze(0).expand(batch_size, *example.shape).contiguous()
 
 
 class Step:
@@ -179,7 +208,7 @@ def run_trial(
     measurement = None
     failure: Exception | None = None
     try:
-        with device.measure() as measurement:
+        with compiled.counting() as count, device.measure() as measurement:
             _train(device, workload, held, params, batch_size, steps, measurement)
     except Exception as error:
         if is_oom(error):
@@ -190,13 +219,27 @@ def run_trial(
         for param in params:
             param.grad = None
     if failure is not None:
-        wrapped = _user_error(failure, batch_size)
+        wrapped: Exception | None = compiled.compile_failure(failure)
+        if wrapped is None:
+            wrapped = _user_error(failure, batch_size)
+        else:
+            release(failure)
         del failure
         device.empty_cache()
         raise wrapped
     device.empty_cache()
-    assert measurement is not None  # set by the with statement before any step ran
+    if measurement is None:  # out of memory before the first step (the device's fixed memory)
+        measurement = devices.Measurement()
     ok = len(measurement.step_seconds) == steps
+    if workload.compiled:
+        workload.compilations += count.compilations
+        if ok and not workload.compilations:
+            # Dynamo skips frames silently (an active dispatch mode, a disabled config): an
+            # answer measured on eager code must not be presented as the compiled model's.
+            raise compiled.CompileError(
+                "torch.compile compiled nothing: the step ran eager (dynamo skipped it), so no "
+                "compiled answer can be given; run without compile"
+            )
     times = measurement.step_seconds[1:] or measurement.step_seconds
     return Trial(
         batch_size=batch_size,
@@ -208,6 +251,8 @@ def run_trial(
         alloc_retries=measurement.alloc_retries,
         largest_alloc=measurement.largest_alloc if ok else 0,
         peak_inactive_split=measurement.peak_inactive_split if ok else 0,
+        compilations=count.compilations if workload.compiled else 0,
+        graph_breaks=count.graph_breaks if workload.compiled else 0,
     )
 
 
@@ -238,15 +283,13 @@ def _train(
     amp = workload.amp_dtype
     for step in range(steps):
         start = devices.timer()
-        with device.first_step(measurement) if step == 0 else contextlib.nullcontext():
+        # The first step's allocation watch is a dispatch mode, under which dynamo would not
+        # compile: a compiled step goes unwatched.
+        watch = step == 0 and not workload.compiled
+        with device.first_step(measurement) if watch else contextlib.nullcontext():
             # Evaluation keeps no graph: activations die as soon as the next layer has used them.
             with device.autocast(amp), contextlib.nullcontext() if workload.train else torch.inference_mode():
-                if isinstance(workload.loss_fn, Step):
-                    loss = workload.loss_fn.loss(workload.model, held, batch)
-                else:
-                    output = _call(workload.model, held, batch)
-                    loss = workload.loss_fn(output, batch)
-                    del output
+                loss = workload.loss(held, batch)
             if optimizer is not None:
                 loss.backward()
                 del loss

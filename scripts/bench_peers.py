@@ -88,7 +88,7 @@ SUITES = {
     ],
     # The GPU suite's code paths (zoo models, dict batches, Lightning, accelerate) on CPU, small.
     "smoke": [
-        Case("resnet18 32px SGD", zoo("resnet18", input_shape=(3, 32, 32)), capacity="256MiB", accelerate_start=512),
+        Case("resnet18 32px SGD", zoo("resnet18", input_shape=(3, 32, 32)), capacity="512MiB", accelerate_start=512),
         Case(
             "bert-base seq 16 bf16 AdamW",
             zoo("bert-base", seq_len=16),

@@ -4,7 +4,8 @@ On a CUDA GPU: ResNet-50 fp32 SGD and GPT-2 (seq 1024, bf16, AdamW), which the c
 in tests/data/calibration already holds, then ViT-B/16 and BERT-base, which it does not. For
 each: the probe's time, trials, OOMs and answer; its predicted limit (`predict_limit` on the
 trials before its first OOM) against the exact limit by bisection; the simulated estimate for the
-same capacity (per sample allocated, predicted limit); 50 training steps at the recommendation.
+same capacity (per sample allocated, predicted limit); 50 training steps at the recommendation;
+for the first model, if time is left, the compiled probe (inductor) beside its simulated estimate.
 A short table is printed last. --out DIR writes gpu_check.json after every model and each
 probe's trace (Result.to_dict() with per-trial largest allocation, fragmentation and retries,
 plus the exact limit) as trace_<model>.json: the format of tests/data/calibration, so each GPU
@@ -34,7 +35,9 @@ from batchfit.devices import SimulatedDevice
 from batchfit.limit import before_first_oom
 
 
-def run_case(case: Case, suite: str, steps: int, deadline: float, out: Path | None) -> dict[str, Any]:
+def run_case(
+    case: Case, suite: str, steps: int, deadline: float, out: Path | None, compile: bool = False
+) -> dict[str, Any]:
     bench = Bench(case, suite)
     row: dict[str, Any] = {"model": case.name}
     model, sample, loss_fn, device = bench.fresh()
@@ -66,6 +69,21 @@ def run_case(case: Case, suite: str, steps: int, deadline: float, out: Path | No
         start = time.perf_counter()
         row["exact_limit"] = trace["exact_limit"] = bench.exact()
         row["exact_s"] = time.perf_counter() - start
+    if compile and time.perf_counter() < deadline:
+        # The compiled model (inductor on CUDA) beside the simulated compiled estimate.
+        start = time.perf_counter()
+        compiled = batchfit.find_batch_size(model, sample, device=device, compile=True, **common)
+        row.update(
+            compiled_s=time.perf_counter() - start,
+            compiled_recommended=compiled.recommended_batch_size,
+            compiled_alloc_mib=(compiled.per_sample_allocated_bytes or 0) / 2**20,
+            compiled_counts=compiled.compiled,
+        )
+        trace["compiled_trials"] = [t.to_dict() for t in compiled.trials]
+        estimate = batchfit.find_batch_size(
+            model, sample, device=SimulatedDevice(device.capacity), compile=True, **common
+        )
+        row["compiled_est_alloc_mib"] = (estimate.per_sample_allocated_bytes or 0) / 2**20
     if out is not None:
         slug = re.sub(r"[^a-z0-9]+", "_", case.name.lower()).strip("_")[:40]
         (out / f"trace_{slug}.json").write_text(json.dumps(trace, indent=2, default=str) + "\n")
@@ -99,7 +117,7 @@ def main() -> None:
             rows.append({"model": case.name, "skipped": "time budget"})
             continue
         try:
-            rows.append(run_case(case, suite, args.steps, deadline, out))
+            rows.append(run_case(case, suite, args.steps, deadline, out, compile=case is cases[0]))
         except Exception as error:  # one failing case must not hide the others' numbers
             rows.append({"model": case.name, "error": f"{type(error).__name__}: {error}"[:300]})
         if out is not None:
@@ -130,6 +148,12 @@ def main() -> None:
             + " | ".join(f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols)
             + " |"
         )
+        if "compiled_recommended" in row:
+            print(
+                f"  {row['model']} compiled: recommended {row['compiled_recommended']}, "
+                f"{row['compiled_alloc_mib']:.1f} MiB a sample (estimate {row.get('compiled_est_alloc_mib', 0):.1f}), "
+                f"{row['compiled_counts']}, {row['compiled_s']:.0f} s"
+            )
         for key in ("error", "skipped"):
             if key in row:
                 print(f"  {row['model']}: {key}: {row[key]}")

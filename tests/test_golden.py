@@ -25,6 +25,7 @@ CASES = {
     ),
     "estimate_resnet50_24gib": "batchfit estimate --model resnet50 --memory 24GiB",
     "check_resnet50_a10g": "batchfit check --model resnet50 --gpu A10G --batch-size 256",
+    "estimate_resnet18_a10g_compile": "batchfit estimate --model resnet18 --gpu A10G --compile",
     "lr_linear": "batchfit lr --base-lr 0.1 --base-batch-size 256 --batch-size 8192",
 }
 _ELAPSED = re.compile(r"elapsed: [0-9.]+ s")
@@ -44,7 +45,12 @@ def _mask(text: str) -> str:
 
 
 # Zoo models need their packages; the lr case needs none.
-NEEDS = {"estimate_gpt2_h100": needs_hf, "estimate_resnet50_24gib": needs_vision, "check_resnet50_a10g": needs_vision}
+NEEDS = {
+    "estimate_gpt2_h100": needs_hf,
+    "estimate_resnet50_24gib": needs_vision,
+    "check_resnet50_a10g": needs_vision,
+    "estimate_resnet18_a10g_compile": needs_vision,
+}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=NEEDS.get(n, ())) for n in sorted(CASES)])

@@ -297,3 +297,10 @@ def test_allocator_retries_at_the_answer_are_reported():
     result = _result(outcome, SimulatedDevice(100 * 2**20), ProbeConfig(), 0.0)
     assert result.recommended_batch_size == 64
     assert any("1 allocator retries" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("device", ["simulated", "cpu"])
+def test_a_card_too_small_for_its_own_workspaces_does_not_fit(device):
+    """The workspaces are reserved as a trial starts: running out there is an OOM trial, not a crash."""
+    with pytest.raises(batchfit.DoesNotFitError, match="batch_size=1 ran out of memory"):
+        find_batch_size(linear_stack(), torch.randn(256), device=device, memory=WORKSPACES - 2**20)
