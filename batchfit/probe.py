@@ -39,8 +39,8 @@ from batchfit.trial import (
 log = logging.getLogger(__name__)
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
-    # BatchNorm cannot train on one example ("Expected more than 1 value per channel").
+def has_batchnorm(model: nn.Module) -> bool:
+    """BatchNorm cannot train on one example ("Expected more than 1 value per channel")."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -73,7 +73,7 @@ class _Probe:
 
 
 @contextlib.contextmanager
-def _held(
+def holding(
     model: nn.Module,
     sample: Any,
     device: Device,
@@ -83,6 +83,10 @@ def _held(
     on_trial: Callable[[Trial], None] | None,
     on_trial_start: Callable[[int], None] | None = None,
 ) -> Iterator[_Probe]:
+    """`model` held on `device`, ready to run trials (`probe.run(B)`); put back as it was on exit.
+
+    The probe, the pre-flight check and the lever table all run their trials inside one.
+    """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_sample(sample)
@@ -208,14 +212,14 @@ def _probe_here(
     if on_start is not None:
         on_start(dev)
     timer_start = devices.timer()
-    with _held(model, sample, dev, optimizer, loss_fn, config, on_trial, on_trial_start) as probe:
+    with holding(model, sample, dev, optimizer, loss_fn, config, on_trial, on_trial_start) as probe:
         outcome = search(
             probe.run,
             dev.capacity,
             margin=config.margin,
             # Dynamo specialises size 1: a compiled probe starting there would compile a graph for
             # size 1 alone, and every frame would recompile at 2.
-            start=2 if _has_batchnorm(model) or config.compile else 1,
+            start=2 if has_batchnorm(model) or config.compile else 1,
             max_batch_size=config.max_batch_size,
             rounding=config.rounding,
             exact=config.exact,
@@ -260,7 +264,7 @@ def preflight(
     if on_start is not None:
         on_start(dev)
     budget = memory_budget(dev.capacity, config.margin)
-    with _held(model, sample, dev, optimizer, loss_fn, config, None) as probe:
+    with holding(model, sample, dev, optimizer, loss_fn, config, None) as probe:
         trial = probe.run(batch_size)
     fits = trial.ok and trial.peak_reserved <= budget
     check = CheckResult(

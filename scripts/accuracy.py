@@ -70,7 +70,7 @@ def _simulate(case: dict[str, Any], capacity: int, **options: Any) -> Any:
 def derive() -> None:
     """Largest single allocation at every batch size of each trace, from the simulated device."""
     from batchfit.config import ProbeConfig
-    from batchfit.probe import _held  # a script may reach inside: one trial at a chosen size
+    from batchfit.probe import holding  # one trial at a chosen size
 
     out: dict[str, dict[str, int]] = {}
     for name, case in CASES.items():
@@ -79,7 +79,7 @@ def derive() -> None:
         device = SimulatedDevice(2**62)  # room for every size: only the largest request is wanted
         config = ProbeConfig(precision=case["precision"])
         sizes = sorted({t["batch_size"] for t in trace["trials"]})
-        with _held(spec.model, spec.sample, device, OPTIMIZERS[case["optimizer"]], spec.loss_fn, config, None) as p:
+        with holding(spec.model, spec.sample, device, OPTIMIZERS[case["optimizer"]], spec.loss_fn, config, None) as p:
             out[name] = {str(b): p.run(b).largest_alloc for b in sizes}
         print(f"{name}: {out[name]}", file=sys.stderr)
     DERIVED.write_text(json.dumps(out, indent=2) + "\n")

@@ -260,11 +260,11 @@ def test_goodput_needs_a_noise_scale():
 def test_each_trial_frees_its_memory_without_a_garbage_collection(compute):
     """Trials skip gc.collect() (slow in big processes), so nothing may hang on in a cycle."""
     from batchfit.config import ProbeConfig
-    from batchfit.probe import _held
+    from batchfit.probe import holding
 
     dev = SimulatedDevice(card(64), compute=compute)
     model = linear_stack(3, 128)
-    with _held(model, torch.randn(128), dev, torch.optim.AdamW(model.parameters()), None, ProbeConfig(), None) as p:
+    with holding(model, torch.randn(128), dev, torch.optim.AdamW(model.parameters()), None, ProbeConfig(), None) as p:
         p.run(4)  # the first trial creates the cuBLAS workspaces, which stay (as on CUDA)
         baseline = dev.tracker.allocated
         for size in (4, 64, 100_000, 16):  # 100_000 runs out of memory
