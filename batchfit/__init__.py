@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # type checkers see the real names; at run time they load on 
     from batchfit.config import ProbeConfig
     from batchfit.devices import CudaDevice, Device, SimulatedDevice, device_kind
     from batchfit.distributed import DistributedProbeError
+    from batchfit.lever import Lever, LeverTable, levers
     from batchfit.limit import predict_limit
     from batchfit.lr import LRScaling, scale_lr
     from batchfit.memory import format_size, parse_size
@@ -35,6 +36,8 @@ _EXPORTS = {
     "DistributedProbeError": "batchfit.distributed",
     "DoesNotFitError": "batchfit.result",
     "LRScaling": "batchfit.lr",
+    "Lever": "batchfit.lever",
+    "LeverTable": "batchfit.lever",
     "NoiseScale": "batchfit.noise",
     "ProbeConfig": "batchfit.config",
     "Result": "batchfit.result",
@@ -44,6 +47,7 @@ _EXPORTS = {
     "device_kind": "batchfit.devices",
     "find_batch_size": "batchfit.probe",
     "format_size": "batchfit.memory",
+    "levers": "batchfit.lever",
     "noise_scale": "batchfit.noise",
     "parse_size": "batchfit.memory",
     "predict_limit": "batchfit.limit",
@@ -59,6 +63,8 @@ __all__ = (
     "DistributedProbeError",
     "DoesNotFitError",
     "LRScaling",
+    "Lever",
+    "LeverTable",
     "NoiseScale",
     "ProbeConfig",
     "Result",
@@ -69,6 +75,7 @@ __all__ = (
     "device_kind",
     "find_batch_size",
     "format_size",
+    "levers",
     "noise_scale",
     "parse_size",
     "predict_limit",

@@ -240,6 +240,19 @@ class Run:
             sys.exit(EXIT_MODEL_ERROR)
         self.trials: list[Any] = []
 
+    def call(self, entry: Callable[..., Any], *args: Any, **extra: Any) -> Any:
+        """A library entry point (find_batch_size, preflight, levers) on this run's model and options."""
+        return entry(
+            self.spec.model,
+            self.spec.sample,
+            *args,
+            optimizer=self.optimizer,
+            loss_fn=self.spec.loss_fn,
+            device=self.device,
+            config=self.config,
+            **extra,
+        )
+
     def on_start(self, device: Any) -> None:
         self.say(f"probing {self.spec.description} on {device.description}")
         if device.caveat:
@@ -316,16 +329,8 @@ def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -
 
     run = Run(opts, simulate=simulate, objective=objective)
     try:
-        result = find_batch_size(
-            run.spec.model,
-            run.spec.sample,
-            optimizer=run.optimizer,
-            loss_fn=run.spec.loss_fn,
-            device=run.device,
-            config=run.config,
-            on_start=run.on_start,
-            on_trial=run.on_trial,
-            on_trial_start=run.on_trial_start,
+        result = run.call(
+            find_batch_size, on_start=run.on_start, on_trial=run.on_trial, on_trial_start=run.on_trial_start
         )
     except _FAILURES as error:
         _fail(error, run, opts["json_path"])
@@ -392,22 +397,22 @@ def estimate(**opts: Any) -> None:
 @main.command()
 @model_options
 @click.option("--batch-size", type=click.IntRange(min=1), required=True, help="The batch size to check.")
-def check(batch_size: int, **opts: Any) -> None:
+@click.option(
+    "--levers",
+    "show_levers",
+    is_flag=True,
+    help="Price each lever (precision, checkpointing, optimizer, frozen base, accumulation, shorter "
+    "sequences) on the simulated card; shown anyway when the batch does not fit; --plot draws them.",
+)
+def check(batch_size: int, show_levers: bool, **opts: Any) -> None:
     """Pre-flight: exit 0 if BATCH_SIZE trains within the margin, 1 if not, 2 on bad input."""
     from batchfit import DoesNotFitError, preflight
 
     run = Run(opts, simulate=False)
+    if show_levers and opts["mode"] != "train":
+        raise click.UsageError("--levers price training: --mode does not apply")
     try:
-        result = preflight(
-            run.spec.model,
-            run.spec.sample,
-            batch_size,
-            optimizer=run.optimizer,
-            loss_fn=run.spec.loss_fn,
-            device=run.device,
-            config=run.config,
-            on_start=run.on_start,
-        )
+        result = run.call(preflight, batch_size, on_start=run.on_start)
         code = 0
     except DoesNotFitError as error:
         if error.check is None:  # preflight attaches its measurement; anything else is a failure
@@ -416,10 +421,33 @@ def check(batch_size: int, **opts: Any) -> None:
         result, code = error.check, EXIT_DOES_NOT_FIT
     except _FAILURES as error:
         _fail(error, run, opts["json_path"])
-    _emit_json({"model": run.spec.description, **result.to_dict()}, opts["json_path"])
+    data = {"model": run.spec.description, **result.to_dict()}
+    table = None
+    wanted = show_levers or opts["plot_path"] or code == EXIT_DOES_NOT_FIT
+    if wanted and opts["mode"] == "train":
+        table = _levers(run, batch_size)
+        data["levers"] = table.to_dict()
+    _emit_json(data, opts["json_path"])
     if opts["json_path"] != "-":
         click.echo(str(result), err=code != 0)
+        if table is not None:
+            click.echo(str(table), err=code != 0)
+    if table is not None and opts["plot_path"]:
+        from batchfit.plot import plot_levers
+
+        plot_levers(table, opts["plot_path"], title=f"{run.spec.description}, batch {batch_size}")
     sys.exit(code)
+
+
+def _levers(run: Run, batch_size: int) -> Any:
+    """The lever table for the checked batch, or a one-line failure."""
+    from batchfit.lever import levers
+
+    run.say("pricing the levers on the simulated card ...")
+    try:
+        return run.call(levers, batch_size)
+    except _FAILURES as error:
+        _fail(error, run, None)
 
 
 @main.command()

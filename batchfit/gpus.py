@@ -29,6 +29,11 @@ class Gpu:
     workspaces: tuple[int, ...] = OTHER_WORKSPACES
 
     @property
+    def bf16(self) -> bool:
+        """Whether the card computes in bfloat16 (Ampere and later; not Turing or Volta)."""
+        return not self.note.startswith(("Turing", "Volta"))
+
+    @property
     def usable_bytes(self) -> int:
         """What the caching allocator can have: the total less the CUDA context."""
         return self.total_bytes - CUDA_CONTEXT_BYTES

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchfit.trial import DEFAULT_SGD
+
 IMAGE_SHAPE = (3, 224, 224)
 
 
@@ -244,7 +246,7 @@ def build(
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     # The probe's defaults: SGD as in Goyal et al.; AdamW/Adam at common transformer settings.
-    "sgd": functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, foreach=True),
+    "sgd": DEFAULT_SGD,
     "adamw": functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01, foreach=True),
     "adam": functools.partial(torch.optim.Adam, lr=1e-3, foreach=True),
 }

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from batchfit.lever import LeverTable
 from batchfit.memory import GIB
 from batchfit.memory import budget as memory_budget
 from batchfit.result import Result
 
 
-def plot_result(result: Result, path: str, title: str = "") -> None:
-    """Write the memory plot of `result` to `path`; matplotlib is an optional extra."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -16,6 +18,32 @@ def plot_result(result: Result, path: str, title: str = "") -> None:
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise ImportError("--plot needs matplotlib: pip install 'batchfit[plot]'") from error
+    return plt
+
+
+def plot_levers(table: LeverTable, path: str, title: str = "") -> None:
+    """A bar per lever: the largest batch that fits with it, against the batch asked."""
+    plt = _pyplot()
+    rows = [lever for lever in table.levers if lever.applies]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    names = [lever.name for lever in rows][::-1]
+    fits = [lever.fits or 0 for lever in rows][::-1]
+    colors = ["tab:green" if lever.reaches(table.batch_size) else "tab:gray" for lever in rows][::-1]
+    ax.barh(names, fits, color=colors)
+    ax.axvline(table.batch_size, color="black", linestyle="--", label=f"batch asked: {table.batch_size}")
+    for y, value in enumerate(fits):
+        ax.annotate(str(value), (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize="small")
+    ax.set_xlabel("largest batch within the margin")
+    ax.set_title(title or table.device, fontsize="medium")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+def plot_result(result: Result, path: str, title: str = "") -> None:
+    """Write the memory plot of `result` to `path`; matplotlib is an optional extra."""
+    plt = _pyplot()
     fitted = [t for t in result.trials if t.ok]
     failed = [t for t in result.trials if not t.ok]
     top = max([t.batch_size for t in result.trials] + [result.predicted_limit or 0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import statistics
 import traceback
@@ -24,6 +25,10 @@ OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
+# The optimizer when none is given: SGD with momentum as in Goyal et al., foreach as CUDA defaults.
+DEFAULT_SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, foreach=True)
+
+
 class TrialError(RuntimeError):
     """A trial failed for a reason other than memory: a bug the user must see."""
 
@@ -36,7 +41,7 @@ def optimizer_factory(optimizer: Any) -> OptimizerFactory:
     ones do not, so foreach is made explicit to keep the simulated device honest.
     """
     if optimizer is None:
-        return lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True)
+        return DEFAULT_SGD
     if isinstance(optimizer, torch.optim.Optimizer):
         cls = type(optimizer)
         accepted = inspect.signature(cls.__init__).parameters

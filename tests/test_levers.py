@@ -1,0 +1,216 @@
+"""The lever table: what precision, checkpointing, optimizer state, a frozen base, accumulation and
+shorter sequences buy, each priced by simulated runs of that variant (issue 13)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import WORKSPACES, card, linear_stack, needs_hf, needs_plot, run_cli
+from torch import nn
+
+import batchfit
+from batchfit.lever import checkpointing, frozen_base, repeated_blocks, sequence_length, shorten
+from batchfit.models import OPTIMIZERS
+
+
+def tiny_gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    import transformers as hf
+
+    config = hf.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=1000, n_positions=256)
+    with torch.device("meta"):
+        model = hf.GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"
+    ids = torch.randint(0, 1000, (256,))
+    return model, {"input_ids": ids, "labels": ids.clone()}
+
+
+def _rows(table: batchfit.LeverTable) -> dict[str, batchfit.Lever]:
+    return {lever.name: lever for lever in table.levers}
+
+
+@pytest.fixture(scope="module")
+def gpt2_table():
+    model, sample = tiny_gpt2()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    table = batchfit.levers(model, sample, 64, memory=card(160))
+    return model, flags, table
+
+
+@needs_hf
+def test_the_orderings_that_must_hold(gpt2_table):
+    _, _, table = gpt2_table
+    rows = _rows(table)
+    asked = rows["as asked"]
+    assert asked.peak_at_batch is None and asked.predicted_peak > table.budget_bytes  # 64 does not fit
+    assert 1 <= asked.fits < 64
+    assert rows["activation checkpointing"].fits > asked.fits
+    assert rows["bf16 autocast"].fits > asked.fits
+    assert rows["frozen base"].fits > asked.fits
+    assert rows["bf16 + checkpointing"].fits >= rows["activation checkpointing"].fits
+    # Every number comes from trials of that variant, each within the budget where it says so.
+    for lever in table.levers:
+        if lever.applies and lever.group not in ("accumulation", "sequence"):
+            ran = [t for t in lever.trials if t.ok and t.peak_reserved <= table.budget_bytes]
+            assert lever.fits in {t.batch_size for t in ran}, lever.name
+
+
+@needs_hf
+def test_accumulation_and_shorter_sequences_reach_the_batch_asked(gpt2_table):
+    _, _, table = gpt2_table
+    rows = _rows(table)
+    accumulation = rows["gradient accumulation"]
+    steps = int(accumulation.detail.split(" steps")[0])
+    assert steps * accumulation.fits == 64 and accumulation.fits <= rows["as asked"].fits
+    assert accumulation.peak_at_batch <= table.budget_bytes
+    shorter = rows["shorter sequences"]
+    assert shorter.fits == 64 and shorter.peak_at_batch <= table.budget_bytes
+    length = int(shorter.detail.split("≤ ")[1].split(" ")[0])
+    assert 1 <= length < 256
+    # The length found trains the batch asked; 1/64 of the full length more does not.
+    model, sample = tiny_gpt2()
+    fits = batchfit.preflight(model, shorten(sample, length), 64, memory=card(160))
+    assert fits.fits
+    with pytest.raises(batchfit.DoesNotFitError):
+        batchfit.preflight(model, shorten(sample, length + 256 // 64 + 1), 64, memory=card(160))
+
+
+@needs_hf
+def test_levers_leave_the_model_as_it_was(gpt2_table):
+    model, flags, _ = gpt2_table
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert model.config.use_cache is True
+
+
+def test_optimizer_state_orders_on_a_model_of_large_weights():
+    """Four Linear(1024, 1024): 16 MiB of weights, 16 KiB of activations a sample. SGD keeps one
+    state tensor a weight, AdamW two, so SGD fits more."""
+    model = linear_stack(4, 1024)
+    table = batchfit.levers(
+        model, torch.randn(1024), 4096, optimizer=OPTIMIZERS["adamw"], memory=card(96), groups=("optimizer",)
+    )
+    rows = _rows(table)
+    assert rows["AdamW"].detail == "the optimizer asked" and rows["AdamW"].fits == rows["as asked"].fits
+    assert rows["SGD momentum"].fits > rows["AdamW"].fits
+    assert rows["AdamW foreach=False"].fits >= rows["AdamW"].fits
+    adafactor = rows["Adafactor"]
+    assert not adafactor.applies and adafactor.fits is None and "does not apply" in adafactor.detail
+
+
+def test_levers_that_cannot_apply_say_so():
+    model = nn.Linear(64, 64)  # one part: no repeated blocks, no head apart from a base
+    table = batchfit.levers(model, torch.randn(64), 8, memory=card(32), precision="bf16")
+    rows = _rows(table)
+    for name, why in {
+        "bf16 autocast": "already bf16",
+        "activation checkpointing": "no repeated blocks",
+        "frozen base": "no head",
+        "gradient accumulation": "the batch fits",
+        "shorter sequences": "not a text sample",
+        "bf16 + checkpointing": "already bf16",
+    }.items():
+        assert not rows[name].applies and rows[name].fits is None and why in rows[name].detail, name
+        assert why in str(table)
+
+
+def test_frozen_parameters_keep_no_gradient_or_optimizer_state():
+    """L bias-free Linear(d, d), only the last trainable, AdamW: fixed memory is the L weights,
+    one gradient and two state tensors, (L + 3)·d²·4 bytes; nothing before the last layer keeps
+    a graph, so a sample costs its input, one layer output and the output's gradient: 3·d·4."""
+    layers, width = 4, 512
+    model = linear_stack(layers, width)
+    for param in model[:-1].parameters():
+        param.requires_grad_(False)
+    result = batchfit.find_batch_size(
+        model, torch.randn(width), optimizer=OPTIMIZERS["adamw"], memory="1GiB", max_batch_size=8192
+    )
+    assert result.fixed_allocated_bytes == pytest.approx((layers + 3) * width * width * 4 + WORKSPACES, rel=0.01)
+    assert result.per_sample_allocated_bytes == pytest.approx(3 * width * 4, rel=0.01)
+
+
+def test_frozen_base_trains_the_head_only_and_restores_flags():
+    model = nn.Sequential(linear_stack(3, 32), nn.Linear(32, 4))
+    model[0][1].weight.requires_grad_(False)  # the user's own choice survives
+    with frozen_base(model) as which:
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == ["1.weight", "1.bias"]
+        assert which == "only 1 trains: 132 of 3,204 parameters"
+    assert [p.requires_grad for p in model.parameters()] == [True, False, True, True, True]
+
+
+def test_which_blocks_are_checkpointed():
+    from torchvision.models import resnet18
+
+    assert repeated_blocks(resnet18())[:3] == ["layer1.0", "layer1.1", "layer2.0"]
+    assert repeated_blocks(linear_stack(3, 8)) == ["0", "1", "2"]
+    assert repeated_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU())) == []
+    model = linear_stack(3, 8)
+    with checkpointing(model) as wrapped:
+        assert wrapped == "3 blocks: 0-2"
+        out = model(torch.randn(2, 8, requires_grad=True))
+        assert out.grad_fn is not None
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_sequence_helpers():
+    sample = {"input_ids": torch.arange(10), "labels": torch.arange(10), "flag": torch.tensor(1)}
+    assert sequence_length(sample) == 10 and sequence_length(torch.randn(3)) is None
+    short = shorten(sample, 4)
+    assert short["input_ids"].tolist() == [0, 1, 2, 3] and short["labels"].shape == (4,) and short["flag"] == 1
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="batch_size"):
+        batchfit.levers(nn.Linear(4, 4), torch.randn(4), 0, memory=card(8))
+    with pytest.raises(ValueError, match="groups"):
+        batchfit.levers(nn.Linear(4, 4), torch.randn(4), 2, memory=card(8), groups=("speed",))
+    with pytest.raises(ValueError, match="levers price training"):
+        batchfit.levers(nn.Linear(4, 4), torch.randn(4), 2, memory=card(8), mode="eval")
+
+
+def test_cli_check_prints_the_table_when_it_does_not_fit(tmp_path):
+    path = tmp_path / "stack.py"
+    path.write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU()) for _ in range(4)])\n"
+    )
+    args = ["check", "--model", f"{path}:make", "--input-shape", "256", "--memory", str(card(8)), "--batch-size"]
+    result = run_cli(*args, "4096")
+    assert result.exit_code == 1, result.output
+    assert "does not fit" in result.stderr and "activation checkpointing" in result.stderr
+    assert "gradient accumulation" in result.stderr and "Traceback" not in result.stderr
+    fits = run_cli(*args, "8", "--levers", "--json", "-")
+    assert fits.exit_code == 0, fits.stderr
+    data = json.loads(fits.stdout)
+    levers = data["levers"]["levers"]
+    assert data["fits"] and levers[0]["lever"] == "as asked" and levers[0]["fits"] >= 8
+    assert {row["lever"] for row in levers} >= {"bf16 autocast", "frozen base", "shorter sequences"}
+    assert all({"lever", "fits", "peak_at_batch_bytes", "cost", "applies"} <= row.keys() for row in levers)
+    refused = run_cli(*args, "8", "--levers", "--mode", "eval")
+    assert refused.exit_code == 2 and "--levers price training" in refused.stderr
+
+
+@needs_plot
+def test_cli_levers_plot(tmp_path):
+    path = tmp_path / "stack.py"
+    path.write_text(
+        "from torch import nn\ndef make():\n    return nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))\n"
+    )
+    png = tmp_path / "levers.png"
+    result = run_cli(
+        "check",
+        "--model",
+        f"{path}:make",
+        "--input-shape",
+        "64",
+        "--memory",
+        str(card(8)),
+        "--batch-size",
+        "8",
+        "--plot",
+        str(png),
+    )
+    assert result.exit_code == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
