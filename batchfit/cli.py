@@ -146,6 +146,15 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--exact", is_flag=True, help="Also bisect to the exact limit."),
         click.option(
+            "--checkpointing", is_flag=True, help="Checkpoint the model's repeated blocks (activation checkpointing)."
+        ),
+        click.option(
+            "--lora",
+            type=click.IntRange(min=1),
+            metavar="R",
+            help="Train LoRA adapters of rank R on every linear layer (Hugging Face models; needs peft).",
+        ),
+        click.option(
             "--compile",
             "compile_model",
             is_flag=True,
@@ -184,7 +193,7 @@ class Run:
 
     def __init__(self, opts: dict[str, Any], *, simulate: bool, **extra: Any) -> None:
         import batchfit
-        from batchfit.models import OPTIMIZERS, UserCodeError, build
+        from batchfit.models import OPTIMIZERS, UserCodeError, build, variant
 
         if not opts["model_name"]:
             raise click.UsageError("--model is required (see batchfit probe --list-models)")
@@ -227,11 +236,15 @@ class Run:
             raise click.UsageError(str(error)) from None
         try:
             # The simulated device reads only shapes: build its models on the meta device.
-            self.spec = build(
-                opts["model_name"],
-                input_shape=opts["input_shape"],
-                seq_len=opts["seq_len"],
-                on_meta=kind == "simulated",
+            self.spec = variant(
+                build(
+                    opts["model_name"],
+                    input_shape=opts["input_shape"],
+                    seq_len=opts["seq_len"],
+                    on_meta=kind == "simulated",
+                ),
+                checkpointing=opts["checkpointing"],
+                lora=opts["lora"],
             )
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--model") from None

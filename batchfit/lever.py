@@ -9,6 +9,7 @@ undone in `finally` (training flags, `requires_grad`, checkpointed forwards).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from batchfit.samples import choose
 from batchfit.trial import DEFAULT_SGD, TrialError, loss_for
 
 VERIFY_TRIES = 2
+LORA_RANK = 8
 GROWTH = 8
 
 
@@ -163,14 +165,12 @@ def _checkpointed_forward(block: nn.Module, forward: Callable[..., Any], *args: 
     return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
-@contextlib.contextmanager
-def checkpointing(model: nn.Module) -> Iterator[str]:
-    """Activation checkpointing of each repeated block of `model` while inside; yields which.
+def enable_checkpointing(model: nn.Module) -> tuple[str, Callable[[], None]]:
+    """Checkpoint each repeated block of `model`: what was wrapped, and how to undo it.
 
-    A block's forward is replaced on the instance (parameter names unchanged) and restored on
-    exit. Hugging Face models are done the same way, on the same per-layer blocks their own
-    switch checkpoints (docs/design.md says why not through it). Raises ValueError when no
-    block repeats.
+    A block's forward is replaced on the instance (parameter names unchanged). Hugging Face
+    models are done the same way, on the same per-layer blocks their own switch checkpoints
+    (docs/design.md says why not through it). Raises ValueError when no block repeats.
     """
     names = repeated_blocks(model)
     if not names:
@@ -184,13 +184,48 @@ def checkpointing(model: nn.Module) -> Iterator[str]:
     cached = getattr(config, "use_cache", None)
     if cached:
         config.use_cache = False  # type: ignore[union-attr]
-    try:
-        yield f"{len(names)} blocks: {_span(names)}"
-    finally:
+
+    def undo() -> None:
         for block in blocks:
             del block.forward
         if cached:
             config.use_cache = cached  # type: ignore[union-attr]
+
+    return f"{len(names)} blocks: {_span(names)}", undo
+
+
+@contextlib.contextmanager
+def checkpointing(model: nn.Module) -> Iterator[str]:
+    """`enable_checkpointing` while inside; yields what was wrapped."""
+    wrapped, undo = enable_checkpointing(model)
+    try:
+        yield wrapped
+    finally:
+        undo()
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose weights are on the meta device: its structure without its memory."""
+    memo: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in memo:
+            empty = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
+def with_lora(model: nn.Module, rank: int) -> nn.Module:
+    """`model` with LoRA adapters of `rank` on every linear layer (peft): only they train.
+
+    peft changes the model it wraps; pass a copy to keep the original.
+    """
+    if not hasattr(model, "config"):
+        raise ValueError("LoRA through peft applies to Hugging Face models here (target_modules='all-linear')")
+    try:
+        import peft
+    except ImportError as error:
+        raise ValueError("LoRA needs peft: pip install 'batchfit[lora]'") from error
+    return peft.get_peft_model(model, peft.LoraConfig(r=rank, target_modules="all-linear"))
 
 
 def _span(names: list[str]) -> str:
@@ -489,13 +524,26 @@ class _Table:
                 rows.append(self._priced(name, "optimizer", cost, optimizer=factory))
         return rows
 
-    def frozen(self) -> Lever:
+    def frozen(self) -> list[Lever]:
+        """A hand-frozen base, and LoRA adapters (peft) on a weightless copy of the model."""
         cost = "trains the head only: a different fine-tuning"
         try:
             with frozen_base(self.model) as which:
-                return self._priced("frozen base", "frozen", cost, which)
+                rows = [self._priced("frozen base", "frozen", cost, which)]
         except ValueError as error:
-            return _not_applicable("frozen base", "frozen", cost, str(error))
+            rows = [_not_applicable("frozen base", "frozen", cost, str(error))]
+        name, cost = f"LoRA r={LORA_RANK} (peft)", "trains adapters only: a different fine-tuning"
+        try:
+            adapted = with_lora(meta_copy(self.model), LORA_RANK)
+        except ValueError as error:
+            return [*rows, _not_applicable(name, "frozen", cost, str(error))]
+        trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        detail = f"{trained:,} adapter parameters on every linear layer"
+        model, self.model = self.model, adapted
+        try:
+            return [*rows, self._priced(name, "frozen", cost, detail)]
+        finally:
+            self.model = model
 
     def accumulation(self) -> Lever:
         """The global batch asked, in accumulation steps of a per-device batch that fits."""

@@ -244,6 +244,23 @@ def build(
     raise ValueError(f"unknown model {name!r}{hint}")
 
 
+def variant(spec: ModelSpec, *, checkpointing: bool = False, lora: int | None = None) -> ModelSpec:
+    """The zoo model changed by a lever, for probe, estimate and check to measure it as trained:
+    LoRA adapters of rank `lora` (peft; Hugging Face models) and activation checkpointing."""
+    from dataclasses import replace
+
+    from batchfit.lever import enable_checkpointing, with_lora
+
+    model, description = spec.model, spec.description
+    if lora is not None:
+        model = with_lora(model, lora)
+        description += f", LoRA r={lora}"
+    if checkpointing:
+        wrapped, _ = enable_checkpointing(model)  # the zoo's own model: it stays checkpointed
+        description += f", checkpointed ({wrapped})"
+    return replace(spec, model=model, description=description)
+
+
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     # The probe's defaults: SGD as in Goyal et al.; AdamW/Adam at common transformer settings.
     "sgd": DEFAULT_SGD,

@@ -21,6 +21,7 @@ def _needs(package: str, extra: str) -> pytest.MarkDecorator:
 needs_vision = _needs("torchvision", "vision")
 needs_hf = _needs("transformers", "hf")
 needs_plot = _needs("matplotlib", "plot")
+needs_peft = _needs("peft", "lora")
 
 # A simulated card holds the cuBLAS workspaces (65 MiB, Hopper's) before any tensor.
 WORKSPACES = sum(HOPPER_WORKSPACES)

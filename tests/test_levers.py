@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import WORKSPACES, card, linear_stack, needs_hf, needs_plot, run_cli
+from conftest import WORKSPACES, card, linear_stack, needs_hf, needs_peft, needs_plot, run_cli
 from torch import nn
 
 import batchfit
-from batchfit.lever import checkpointing, frozen_base, repeated_blocks, sequence_length, shorten
+from batchfit.lever import checkpointing, frozen_base, meta_copy, repeated_blocks, sequence_length, shorten, with_lora
 from batchfit.models import OPTIMIZERS
 
 
@@ -214,3 +214,49 @@ def test_cli_levers_plot(tmp_path):
     )
     assert result.exit_code == 0, result.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_hf
+@needs_peft
+def test_lora_is_priced_on_a_weightless_copy(gpt2_table):
+    model, _, table = gpt2_table
+    lora = _rows(table)["LoRA r=8 (peft)"]
+    assert lora.applies and lora.fits >= _rows(table)["as asked"].fits
+    assert lora.detail.endswith("adapter parameters on every linear layer")
+    assert not any("lora" in name for name, _ in model.named_modules())  # the user's model has no adapters
+
+
+def test_lora_needs_a_hugging_face_model_and_peft(monkeypatch):
+    with pytest.raises(ValueError, match="Hugging Face models"):
+        with_lora(nn.Linear(4, 4), 8)
+    table = batchfit.levers(linear_stack(2, 16), torch.randn(16), 2, memory=card(8), groups=("frozen",))
+    assert "Hugging Face models" in _rows(table)["LoRA r=8 (peft)"].detail
+
+
+def test_meta_copy_keeps_structure_ties_and_flags_not_memory():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+    model[1].weight = model[0].weight  # tied, as a language model's head
+    model[1].bias.requires_grad_(False)
+    copy = meta_copy(model)
+    assert all(p.device.type == "meta" for p in copy.parameters())
+    assert copy[1].weight is copy[0].weight and not copy[1].bias.requires_grad
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_zoo_variants_from_the_cli(tmp_path):
+    path = tmp_path / "blocks.py"
+    path.write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    block = lambda: nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))\n"
+        "    return nn.Sequential(*[block() for _ in range(6)])\n"
+    )
+    base = ["estimate", "--model", f"{path}:make", "--input-shape", "256", "--memory", str(card(64)), "--json", "-"]
+    plain = json.loads(run_cli(*base).stdout)
+    result = run_cli(*base, "--checkpointing")
+    assert result.exit_code == 0, result.stderr
+    checkpointed = json.loads(result.stdout)
+    assert "checkpointed (6 blocks: 0-5)" in checkpointed["model"]
+    assert checkpointed["per_sample_allocated_bytes"] < 0.5 * plain["per_sample_allocated_bytes"]
+    refused = run_cli(*base, "--lora", "8")
+    assert refused.exit_code == 2 and "Hugging Face models" in refused.stderr
