@@ -7,6 +7,7 @@ failed (a real bug, not memory), 130 interrupted (Ctrl-C).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -231,7 +232,7 @@ class Run:
             # The CUDA device itself is resolved inside the probe, after torch.distributed has
             # pinned this rank's GPU; here only where it will run, to build the model for it.
             self.device: str | None = "simulated" if simulate else opts["device_name"]
-            kind = batchfit.device_kind(self.device)
+            kind = self.device_kind = batchfit.device_kind(self.device)
         except ValueError as error:
             raise click.UsageError(str(error)) from None
         try:
@@ -411,21 +412,24 @@ def estimate(**opts: Any) -> None:
 @model_options
 @click.option("--batch-size", type=click.IntRange(min=1), required=True, help="The batch size to check.")
 @click.option(
-    "--levers",
+    "--levers/--no-levers",
     "show_levers",
-    is_flag=True,
-    help="Price each lever (precision, checkpointing, optimizer, frozen base, accumulation, shorter "
-    "sequences) on the simulated card; shown anyway when the batch does not fit; --plot draws them.",
+    default=None,
+    help="Price each lever (precision, checkpointing, optimizer, frozen base, LoRA, accumulation, shorter "
+    "sequences) on the simulated card. Default: only when the batch does not fit. --plot draws them.",
 )
-def check(batch_size: int, show_levers: bool, **opts: Any) -> None:
+def check(batch_size: int, show_levers: bool | None, **opts: Any) -> None:
     """Pre-flight: exit 0 if BATCH_SIZE trains within the margin, 1 if not, 2 on bad input."""
     from batchfit import DoesNotFitError, preflight
 
     run = Run(opts, simulate=False)
     if show_levers and opts["mode"] != "train":
         raise click.UsageError("--levers price training: --mode does not apply")
+    may_price = show_levers is not False and opts["mode"] == "train"
+    # On the simulated card the lever table's first row is the largest batch that fits: found once.
+    search = not (may_price and run.device_kind == "simulated")
     try:
-        result = run.call(preflight, batch_size, on_start=run.on_start)
+        result = run.call(preflight, batch_size, on_start=run.on_start, find_largest=search)
         code = 0
     except DoesNotFitError as error:
         if error.check is None:  # preflight attaches its measurement; anything else is a failure
@@ -434,11 +438,14 @@ def check(batch_size: int, show_levers: bool, **opts: Any) -> None:
         result, code = error.check, EXIT_DOES_NOT_FIT
     except _FAILURES as error:
         _fail(error, run, opts["json_path"])
-    data = {"model": run.spec.description, **result.to_dict()}
     table = None
-    wanted = show_levers or opts["plot_path"] or code == EXIT_DOES_NOT_FIT
+    wanted = show_levers or (show_levers is None and (bool(opts["plot_path"]) or code == EXIT_DOES_NOT_FIT))
     if wanted and opts["mode"] == "train":
         table = _levers(run, batch_size)
+        if not search and code == EXIT_DOES_NOT_FIT:
+            result = dataclasses.replace(result, largest_fitting=table.levers[0].fits)
+    data = {"model": run.spec.description, **result.to_dict()}
+    if table is not None:
         data["levers"] = table.to_dict()
     _emit_json(data, opts["json_path"])
     if opts["json_path"] != "-":

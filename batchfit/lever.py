@@ -29,7 +29,8 @@ from batchfit.result import Trial
 from batchfit.samples import choose
 from batchfit.trial import DEFAULT_SGD, TrialError, loss_for
 
-VERIFY_TRIES = 2
+REFINE_TRIES = 3
+PRECISION = 16
 LORA_RANK = 8
 GROWTH = 8
 
@@ -337,8 +338,8 @@ class _Pricer:
         """(largest batch within the budget, peak at the batch asked or None on OOM, the trials).
 
         From the batch asked down by halves to one within the budget, a second point for the
-        variant's memory line, then its predicted largest batch verified by a trial (twice at
-        most).
+        variant's memory line, then the line's answer verified by a trial and refined (three times
+        at most, to within 1/16).
         """
         trials: list[Trial] = []
         smallest = 2 if has_batchnorm(model) else 1
@@ -362,9 +363,9 @@ class _Pricer:
             if len({t.batch_size for t in ran}) < 2:
                 other = max(smallest, size // 2) if size > smallest else size * 2
                 run(other)
-            for _ in range(VERIFY_TRIES):
-                guess = self._predicted(trials)
-                if guess is None or any(t.batch_size == guess for t in trials):
+            for _ in range(REFINE_TRIES):
+                guess = self._next(trials)
+                if guess is None:
                     break
                 run(guess)
         return self._best(trials), peak, trials
@@ -372,19 +373,29 @@ class _Pricer:
     def within(self, trial: Trial) -> bool:
         return trial.ok and trial.peak_reserved <= self.budget
 
-    def _predicted(self, trials: list[Trial]) -> int | None:
-        ran = [t for t in trials if t.ok]
-        if len({t.batch_size for t in ran}) < 2:
-            return None
-        line = _line(trials)
-        assert line is not None
-        # A flat line (a tiny model, whole 2 MiB blocks) predicts no end: grow by 8x at most.
-        guess = min(line.max_batch(self.budget), GROWTH * max(t.batch_size for t in ran))
-        over = [t.batch_size for t in trials if not self.within(t)]
+    def _next(self, trials: list[Trial]) -> int | None:
+        """The next batch to try: where the memory line through the trials nearest the limit meets
+        the budget, inside the bracket of the largest batch within it and the smallest beyond it;
+        None once that bracket is within 1/PRECISION of the answer."""
         best = self._best(trials)
-        if over:
-            guess = min(guess, min(b for b in over if b > best) - 1) if any(b > best for b in over) else guess
-        return max(guess, best) if guess > 0 else None
+        beyond = [t for t in trials if t.batch_size > best]
+        ceiling = min((t.batch_size for t in beyond), default=None)
+        if ceiling is not None and ceiling - best <= max(1, best // PRECISION):
+            return None
+        ran = {t.batch_size: t for t in trials if t.ok}
+        above = [b for b in sorted(ran) if b > best]
+        below = [b for b in sorted(ran) if b < best]
+        partner = above[0] if above else below[-1] if below else None
+        if partner is None:
+            return None
+        line = fit_line([(b, ran[b].peak_reserved) for b in (best, partner)])
+        # A flat line (a tiny model, whole 2 MiB blocks) predicts no end: grow by GROWTH at most.
+        guess = min(line.max_batch(self.budget), GROWTH * best)
+        if ceiling is not None:
+            guess = min(guess, ceiling - 1)
+        if guess <= best or guess in ran or any(t.batch_size == guess for t in trials):
+            return None
+        return guess
 
     def _best(self, trials: list[Trial]) -> int:
         return max((t.batch_size for t in trials if self.within(t)), default=0)
@@ -557,7 +568,8 @@ class _Table:
         if not fits:
             return _not_applicable(name, "accumulation", cost, "not even the smallest batch fits")
         plan = plan_global_batch(fits, 1, asked)
-        at = self._one(self.sample, plan.per_device)
+        ran = [t for t in self.baseline.trials if t.batch_size == plan.per_device]
+        at = ran[0] if ran else self._one(self.sample, plan.per_device)
         detail = f"{plan.accumulation} steps of {plan.per_device}; the peak column is at {plan.per_device}"
         peak = at.peak_reserved if at.ok else None
         return Lever(name, "accumulation", cost, plan.per_device, peak, None, detail, True, [at])
@@ -586,7 +598,7 @@ class _Table:
                 bad = length
         if not good:
             return _not_applicable(name, "sequence", cost, "no length fits the batch asked")
-        while bad - good > max(1, full // 64):
+        while bad - good > max(1, full // 32):
             middle = (good + bad) // 2
             if fits_at(middle):
                 good = middle

@@ -246,12 +246,14 @@ def preflight(
     device: Device | str | None = None,
     config: ProbeConfig | None = None,
     on_start: Callable[[Device], None] | None = None,
+    find_largest: bool = True,
     **options: Any,
 ) -> CheckResult:
     """Check that `batch_size` trains within the budget on this device; raise DoesNotFitError if not.
 
     One real trial decides. When it fails, a probe finds the largest size that fits, so the
-    error says what to use instead.
+    error says what to use instead (`find_largest=False` skips it: the caller finds it another
+    way, e.g. the lever table's first row).
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
@@ -276,8 +278,10 @@ def preflight(
         margin=config.margin,
         device=dev.description,
     )
-    if fits:
-        return check
+    if fits or not find_largest:
+        if fits:
+            return check
+        raise DoesNotFitError(str(check), check)
     try:
         narrower = replace(config, rounding="none", max_batch_size=batch_size - 1)
         # This rank's own answer: a pre-flight check is per device, with no agreement between ranks.

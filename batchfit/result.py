@@ -233,8 +233,8 @@ class CheckResult:
         )
         return (
             f"batch_size={self.batch_size} does not fit: it {how} of {format_size(self.budget_bytes)} "
-            f"({1 - self.margin:.0%} of {format_size(self.capacity_bytes)}) on {self.device}; "
-            f"largest that fits: {self.largest_fitting}"
+            f"({1 - self.margin:.0%} of {format_size(self.capacity_bytes)}) on {self.device}"
+            + ("" if self.largest_fitting is None else f"; largest that fits: {self.largest_fitting}")
         )
 
 

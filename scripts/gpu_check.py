@@ -5,7 +5,8 @@ in tests/data/calibration already holds, then ViT-B/16 and BERT-base, which it d
 each: the probe's time, trials, OOMs and answer; its predicted limit (`predict_limit` on the
 trials before its first OOM) against the exact limit by bisection; the simulated estimate for the
 same capacity (per sample allocated, predicted limit); 50 training steps at the recommendation;
-for the first model, if time is left, the compiled probe (inductor) beside its simulated estimate.
+for the first model, if time is left, the compiled probe (inductor) beside its simulated estimate;
+for the second, the lever table's checkpointing and frozen-base rows beside real probes of them.
 A short table is printed last. --out DIR writes gpu_check.json after every model and each
 probe's trace (Result.to_dict() with per-trial largest allocation, fragmentation and retries,
 plus the exact limit) as trace_<model>.json: the format of tests/data/calibration, so each GPU
@@ -35,8 +36,31 @@ from batchfit.devices import SimulatedDevice
 from batchfit.limit import before_first_oom
 
 
+def lever_check(model: Any, sample: Any, device: Any, common: dict[str, Any], batch: int) -> dict[str, Any]:
+    """The lever table's estimate beside real probes of the same variants (checkpointing, frozen base)."""
+    from batchfit.lever import checkpointing, frozen_base
+
+    table = batchfit.levers(model, sample, batch, device=device, groups=("checkpointing", "frozen"), **common)
+    rows = {lever.name: lever.fits for lever in table.levers}
+    real = {}
+    for name, variant in (("activation checkpointing", checkpointing), ("frozen base", frozen_base)):
+        with variant(model):
+            found = batchfit.find_batch_size(model, sample, device=device, rounding="none", **common)
+        real[name] = found.recommended_batch_size
+    real["as asked"] = batchfit.find_batch_size(
+        model, sample, device=device, rounding="none", **common
+    ).recommended_batch_size
+    return {name: {"estimate": rows.get(name), "real": real.get(name)} for name in real}
+
+
 def run_case(
-    case: Case, suite: str, steps: int, deadline: float, out: Path | None, compile: bool = False
+    case: Case,
+    suite: str,
+    steps: int,
+    deadline: float,
+    out: Path | None,
+    compile: bool = False,
+    levers_too: bool = False,
 ) -> dict[str, Any]:
     bench = Bench(case, suite)
     row: dict[str, Any] = {"model": case.name}
@@ -84,6 +108,8 @@ def run_case(
             model, sample, device=SimulatedDevice(device.capacity), compile=True, **common
         )
         row["compiled_est_alloc_mib"] = (estimate.per_sample_allocated_bytes or 0) / 2**20
+    if levers_too and time.perf_counter() < deadline:
+        row["levers"] = lever_check(model, sample, device, common, result.recommended_batch_size * 4)
     if out is not None:
         slug = re.sub(r"[^a-z0-9]+", "_", case.name.lower()).strip("_")[:40]
         (out / f"trace_{slug}.json").write_text(json.dumps(trace, indent=2, default=str) + "\n")
@@ -117,7 +143,10 @@ def main() -> None:
             rows.append({"model": case.name, "skipped": "time budget"})
             continue
         try:
-            rows.append(run_case(case, suite, args.steps, deadline, out, compile=case is cases[0]))
+            first, second = case is cases[0], len(cases) > 1 and case is cases[1]
+            rows.append(
+                run_case(case, suite, args.steps, deadline, out, compile=first, levers_too=second or args.smoke)
+            )
         except Exception as error:  # one failing case must not hide the others' numbers
             rows.append({"model": case.name, "error": f"{type(error).__name__}: {error}"[:300]})
         if out is not None:
@@ -148,6 +177,8 @@ def main() -> None:
             + " | ".join(f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols)
             + " |"
         )
+        if "levers" in row:
+            print(f"  {row['model']} levers (estimate / real probe, no rounding): {row['levers']}")
         if "compiled_recommended" in row:
             print(
                 f"  {row['model']} compiled: recommended {row['compiled_recommended']}, "

@@ -34,7 +34,8 @@ def _rows(table: batchfit.LeverTable) -> dict[str, batchfit.Lever]:
 def gpt2_table():
     model, sample = tiny_gpt2()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    table = batchfit.levers(model, sample, 64, memory=card(160))
+    groups = ("precision", "checkpointing", "frozen", "accumulation", "sequence", "combination")
+    table = batchfit.levers(model, sample, 64, memory=card(160), groups=groups)  # optimizers: below
     return model, flags, table
 
 
@@ -68,12 +69,12 @@ def test_accumulation_and_shorter_sequences_reach_the_batch_asked(gpt2_table):
     assert shorter.fits == 64 and shorter.peak_at_batch <= table.budget_bytes
     length = int(shorter.detail.split("≤ ")[1].split(" ")[0])
     assert 1 <= length < 256
-    # The length found trains the batch asked; 1/64 of the full length more does not.
+    # The length found trains the batch asked; 1/32 of the full length more does not.
     model, sample = tiny_gpt2()
     fits = batchfit.preflight(model, shorten(sample, length), 64, memory=card(160))
     assert fits.fits
     with pytest.raises(batchfit.DoesNotFitError):
-        batchfit.preflight(model, shorten(sample, length + 256 // 64 + 1), 64, memory=card(160))
+        batchfit.preflight(model, shorten(sample, length + 256 // 32 + 1), 64, memory=card(160))
 
 
 @needs_hf
@@ -181,6 +182,8 @@ def test_cli_check_prints_the_table_when_it_does_not_fit(tmp_path):
     assert result.exit_code == 1, result.output
     assert "does not fit" in result.stderr and "activation checkpointing" in result.stderr
     assert "gradient accumulation" in result.stderr and "Traceback" not in result.stderr
+    quiet = run_cli(*args, "4096", "--no-levers")
+    assert quiet.exit_code == 1 and "activation checkpointing" not in quiet.stderr
     fits = run_cli(*args, "8", "--levers", "--json", "-")
     assert fits.exit_code == 0, fits.stderr
     data = json.loads(fits.stdout)
