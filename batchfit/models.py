@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import functools
 import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +150,12 @@ def _from_file(reference: str, input_shape: tuple[int, ...] | None) -> ModelSpec
     if spec is None or spec.loader is None:
         raise ValueError(f"model file {path_text!r} cannot be imported as Python")
     module = importlib.util.module_from_spec(spec)
+    # Importable by name, as an imported module is: torch.compile looks modules up in sys.modules.
+    sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as error:
+        del sys.modules[spec.name]
         raise UserCodeError(f"model file {path_text!r} failed to import: {_one_line(error)}") from error
     factory = getattr(module, factory_name, None)
     if not callable(factory):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import WORKSPACES, card, linear_stack, needs_hf, needs_peft, needs_plot, run_cli
+from conftest import WORKSPACES, card, linear_stack, needs_hf, needs_peft, needs_plot, needs_vision, run_cli
 from torch import nn
 
 import batchfit
@@ -140,10 +140,14 @@ def test_frozen_base_trains_the_head_only_and_restores_flags():
     assert [p.requires_grad for p in model.parameters()] == [True, False, True, True, True]
 
 
-def test_which_blocks_are_checkpointed():
+@needs_vision
+def test_torchvision_resnet_blocks_are_checkpointed():
     from torchvision.models import resnet18
 
     assert repeated_blocks(resnet18())[:3] == ["layer1.0", "layer1.1", "layer2.0"]
+
+
+def test_which_blocks_are_checkpointed():
     assert repeated_blocks(linear_stack(3, 8)) == ["0", "1", "2"]
     assert repeated_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU())) == []
     model = linear_stack(3, 8)
