@@ -23,6 +23,7 @@ from batchfit.config import Precision, ProbeConfig
 from batchfit.devices import Device, SimulatedDevice
 from batchfit.memory import MemoryLine, fit_line, format_size
 from batchfit.memory import budget as memory_budget
+from batchfit.models import OPTIMIZERS
 from batchfit.plan import plan_global_batch
 from batchfit.probe import has_batchnorm, holding
 from batchfit.result import Trial
@@ -289,16 +290,10 @@ def _optimizers() -> dict[str, tuple[Callable[..., torch.optim.Optimizer] | None
     """The optimizer rows: name -> (factory, cost); None where this torch lacks it."""
     adafactor = getattr(torch.optim, "Adafactor", None)
     return {
-        "SGD momentum": (
-            DEFAULT_SGD,
-            "one state tensor a weight; a different optimizer: re-tune the rate",
-        ),
-        "AdamW": (
-            functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01, foreach=True),
-            "two state tensors a weight",
-        ),
+        "SGD momentum": (DEFAULT_SGD, "one state tensor a weight; a different optimizer: re-tune the rate"),
+        "AdamW": (OPTIMIZERS["adamw"], "two state tensors a weight"),
         "AdamW foreach=False": (
-            functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01, foreach=False),
+            functools.partial(OPTIMIZERS["adamw"], foreach=False),
             "slower step (a loop over tensors), no foreach temporaries",
         ),
         "Adafactor": (
