@@ -72,7 +72,7 @@ def rounding_note(outcome: SearchOutcome, budget: int, config: ProbeConfig) -> l
 
 def build_result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elapsed: float) -> Result:
     budget = memory_budget(dev.capacity, config.margin)
-    within = [t for t in outcome.trials if t.ok and t.peak_reserved <= budget]
+    within = [t for t in outcome.trials if t.within(budget)]
     knee = throughput_knee(within) if dev.real_timing else None
     goodput = goodput_batch_size(within, config.noise_scale) if dev.real_timing and config.noise_scale else None
     recommended = outcome.recommended

@@ -439,8 +439,7 @@ def check(batch_size: int, show_levers: bool | None, **opts: Any) -> None:
     except _FAILURES as error:
         _fail(error, run, opts["json_path"])
     table = None
-    wanted = show_levers or (show_levers is None and (bool(opts["plot_path"]) or code == EXIT_DOES_NOT_FIT))
-    if wanted and opts["mode"] == "train":
+    if may_price and (show_levers or opts["plot_path"] or code == EXIT_DOES_NOT_FIT):
         table = _levers(run, batch_size)
         if not search and code == EXIT_DOES_NOT_FIT:
             result = dataclasses.replace(result, largest_fitting=table.levers[0].fits)

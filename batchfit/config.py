@@ -35,6 +35,12 @@ def check_device_name(name: str) -> str:
     return name
 
 
+def check_positive_int(label: str, value: object) -> None:
+    """A ValueError unless `value` is a positive int (a bool is not one)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{label}={value!r} must be a positive integer")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProbeConfig:
     """How a probe searches and what it recommends."""

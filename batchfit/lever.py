@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from batchfit import devices
-from batchfit.config import Precision, ProbeConfig
+from batchfit.config import Precision, ProbeConfig, check_positive_int
 from batchfit.devices import Device, SimulatedDevice
 from batchfit.memory import MemoryLine, fit_line, format_size
 from batchfit.memory import budget as memory_budget
@@ -196,14 +196,28 @@ def enable_checkpointing(model: nn.Module) -> tuple[str, Callable[[], None]]:
     return f"{len(names)} blocks: {_span(names)}", undo
 
 
+Change = Callable[[nn.Module], tuple[str, Callable[[], None]]]
+"""A lever applied to a model in place: what it did, and how to undo it (ValueError: cannot apply)."""
+
+
 @contextlib.contextmanager
-def checkpointing(model: nn.Module) -> Iterator[str]:
-    """`enable_checkpointing` while inside; yields what was wrapped."""
-    wrapped, undo = enable_checkpointing(model)
+def applied(model: nn.Module, change: Change) -> Iterator[str]:
+    """`change` applied to `model` while inside; yields what it did."""
+    detail, undo = change(model)
     try:
-        yield wrapped
+        yield detail
     finally:
         undo()
+
+
+def checkpointing(model: nn.Module) -> contextlib.AbstractContextManager[str]:
+    """Activation checkpointing while inside; yields which blocks."""
+    return applied(model, enable_checkpointing)
+
+
+def frozen_base(model: nn.Module) -> contextlib.AbstractContextManager[str]:
+    """Only the head trains while inside: the rest has requires_grad=False (restored after)."""
+    return applied(model, freeze_base)
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -252,19 +266,19 @@ def head_only(model: nn.Module) -> tuple[str, set[int], int, int]:
     return name, trained, count, sum(p.numel() for p in params)
 
 
-@contextlib.contextmanager
-def frozen_base(model: nn.Module) -> Iterator[str]:
-    """Only the head trains while inside: the rest has requires_grad=False (restored after)."""
+def freeze_base(model: nn.Module) -> tuple[str, Callable[[], None]]:
+    """Freeze all but the head (requires_grad=False): what trains, and how to undo it."""
     name, trained, count, total = head_only(model)
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
     for param in params:
         param.requires_grad_(id(param) in trained)
-    try:
-        yield f"only {name} trains: {count:,} of {total:,} parameters"
-    finally:
+
+    def undo() -> None:
         for param, flag in zip(params, was, strict=True):
             param.requires_grad_(flag)
+
+    return f"only {name} trains: {count:,} of {total:,} parameters", undo
 
 
 def shorten(sample: Any, length: int) -> Any:
@@ -388,9 +402,7 @@ class _Pricer:
         guess = min(line.max_batch(self.budget), GROWTH * best)
         if ceiling is not None:
             guess = min(guess, ceiling - 1)
-        if guess <= best or guess in ran or any(t.batch_size == guess for t in trials):
-            return None
-        return guess
+        return None if guess <= best or any(t.batch_size == guess for t in trials) else guess
 
     def _best(self, trials: list[Trial]) -> int:
         return max((t.batch_size for t in trials if self.within(t)), default=0)
@@ -428,8 +440,7 @@ def levers(
     margin (by its memory line, verified by a trial) and the peak at `batch_size`. The first
     row is the run as asked; `groups` picks the levers (all of GROUPS by default).
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    check_positive_int("batch_size", batch_size)
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"groups {sorted(unknown)} are not among {', '.join(GROUPS)}")
@@ -437,10 +448,11 @@ def levers(
     if config.mode != "train":
         raise ValueError("levers price training; mode= does not apply")
     start = devices.timer()
-    planned = _card(device, config)
+    cards = _cards(device, config)
+    planned = cards()
     budget = memory_budget(planned.capacity, config.margin)
     table = _Table(
-        _Pricer(lambda: _card(device, config), budget, batch_size),
+        _Pricer(cards, budget, batch_size),
         model,
         choose(sample, config.scan_items).sample,
         optimizer,
@@ -475,9 +487,11 @@ class _Table:
         self.baseline = self._priced("as asked", "baseline", _describe(config, optimizer))
 
     def _priced(self, name: str, group: str, cost: str, detail: str = "", **change: Any) -> Lever:
+        """The row of the run as asked with `change` (model=, optimizer=, config=) made."""
+        model = change.get("model", self.model)
         optimizer, config = change.get("optimizer", self.user_optimizer), change.get("config", self.config)
         try:
-            fits, peak, trials = self.pricer.price(self.model, self.sample, optimizer, self.loss_fn, config)
+            fits, peak, trials = self.pricer.price(model, self.sample, optimizer, self.loss_fn, config)
         except TrialError as error:
             if group == "baseline":
                 raise
@@ -492,6 +506,17 @@ class _Table:
             line = _line(trials)
             predicted = round(line.predict(self.pricer.batch_size)) if line else None
         return Lever(name, group, cost, fits, peak, predicted, detail, True, trials)
+
+    def _variant(self, name: str, group: str, cost: str, change: Change, **more: Any) -> Lever:
+        """The row of a lever applied to the model in place, undone after; says so if it cannot apply."""
+        try:
+            detail, undo = change(self.model)
+        except ValueError as error:
+            return _not_applicable(name, group, cost, str(error))
+        try:
+            return self._priced(name, group, cost, detail, **more)
+        finally:
+            undo()
 
     def _one(self, sample: Any, batch_size: int) -> Trial:
         """One trial of the run as asked, on another sample or at another batch size."""
@@ -510,11 +535,7 @@ class _Table:
 
     def checkpointing(self) -> Lever:
         cost = "roughly one extra forward per step"
-        try:
-            with checkpointing(self.model) as wrapped:
-                return self._priced("activation checkpointing", "checkpointing", cost, wrapped)
-        except ValueError as error:
-            return _not_applicable("activation checkpointing", "checkpointing", cost, str(error))
+        return self._variant("activation checkpointing", "checkpointing", cost, enable_checkpointing)
 
     def optimizer(self) -> list[Lever]:
         """One row per optimizer; the one asked for is the first row's run, not run again."""
@@ -532,12 +553,7 @@ class _Table:
 
     def frozen(self) -> list[Lever]:
         """A hand-frozen base, and LoRA adapters (peft) on a weightless copy of the model."""
-        cost = "trains the head only: a different fine-tuning"
-        try:
-            with frozen_base(self.model) as which:
-                rows = [self._priced("frozen base", "frozen", cost, which)]
-        except ValueError as error:
-            rows = [_not_applicable("frozen base", "frozen", cost, str(error))]
+        rows = [self._variant("frozen base", "frozen", "trains the head only: a different fine-tuning", freeze_base)]
         name, cost = f"LoRA r={LORA_RANK} (peft)", "trains adapters only: a different fine-tuning"
         try:
             adapted = with_lora(meta_copy(self.model), LORA_RANK)
@@ -545,11 +561,7 @@ class _Table:
             return [*rows, _not_applicable(name, "frozen", cost, str(error))]
         trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
         detail = f"{trained:,} adapter parameters on every linear layer"
-        model, self.model = self.model, adapted
-        try:
-            return [*rows, self._priced(name, "frozen", cost, detail)]
-        finally:
-            self.model = model
+        return [*rows, self._priced(name, "frozen", cost, detail, model=adapted)]
 
     def accumulation(self) -> Lever:
         """The global batch asked, in accumulation steps of a per-device batch that fits."""
@@ -608,27 +620,25 @@ class _Table:
         name = f"{self.low} + checkpointing"
         if self.config.precision in ("bf16", "fp16"):
             return _not_applicable(name, "combination", "both costs", f"already {self.config.precision}")
-        try:
-            with checkpointing(self.model) as wrapped:
-                config = replace(self.config, precision=self.low)
-                return self._priced(name, "combination", "both costs", wrapped, config=config)
-        except ValueError as error:
-            return _not_applicable(name, "combination", "both costs", str(error))
+        config = replace(self.config, precision=self.low)
+        return self._variant(name, "combination", "both costs", enable_checkpointing, config=config)
 
 
 def _not_applicable(name: str, group: str, cost: str, why: str) -> Lever:
     return Lever(name, group, cost, detail=f"does not apply: {why}", applies=False)
 
 
-def _card(device: Device | str | None, config: ProbeConfig) -> SimulatedDevice:
-    """The simulated card to price on: the one planned for (a name or a size), or one the size of
-    `device` (a CUDA GPU's usable memory)."""
+def _cards(device: Device | str | None, config: ProbeConfig) -> Callable[[], SimulatedDevice]:
+    """Fresh simulated cards to price on, all alike: the one planned for (a name or a size), or
+    one the size of `device` (a CUDA GPU's usable memory), which is asked once."""
     if config.capacity_bytes is not None:
-        return devices.resolve_device("simulated", config)  # type: ignore[return-value]
+        return lambda: devices.resolve_device("simulated", config)  # type: ignore[return-value]
     resolved = device if isinstance(device, Device) else devices.resolve_device(device, config)
     if isinstance(resolved, SimulatedDevice):
-        return SimulatedDevice(resolved.capacity, workspaces=resolved.workspaces, caveat=resolved.caveat)
-    return SimulatedDevice(resolved.capacity, name=resolved.description.split(" (")[0])
+        capacity, workspaces, caveat = resolved.capacity, resolved.workspaces, resolved.caveat
+        return lambda: SimulatedDevice(capacity, workspaces=workspaces, caveat=caveat)
+    capacity, name = resolved.capacity, resolved.description.split(" (")[0]
+    return lambda: SimulatedDevice(capacity, name=name)
 
 
 def _same_optimizer(factory: Any, optimizer: Any) -> bool:
@@ -640,6 +650,12 @@ def _same_optimizer(factory: Any, optimizer: Any) -> bool:
 
 
 def _describe(config: ProbeConfig, optimizer: Any) -> str:
-    name = getattr(optimizer, "func", type(optimizer) if isinstance(optimizer, torch.optim.Optimizer) else None)
-    label = getattr(name, "__name__", "SGD momentum (default)") if optimizer is not None else "SGD momentum (default)"
+    """'fp32, AdamW': the precision and the optimizer's class (an instance's, or a partial's)."""
+    made = getattr(optimizer, "func", optimizer)
+    if optimizer is None:
+        label = "SGD momentum (default)"
+    elif isinstance(made, torch.optim.Optimizer):
+        label = type(made).__name__
+    else:
+        label = getattr(made, "__name__", "custom optimizer")
     return f"{config.precision or 'fp32'}, {label}"

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from batchfit.config import check_positive_int
+
 RULES = ("auto", "linear", "sqrt", "noise")
 
 # Goyal et al. 2017 ("Accurate, Large Minibatch SGD"): the linear rule needs a gradual
@@ -90,9 +92,8 @@ def scale_lr(
     """Scale `base_lr`, known good at `base_batch_size`, to `batch_size`."""
     if not (isinstance(base_lr, (int, float)) and math.isfinite(base_lr) and base_lr > 0):
         raise ValueError(f"base_lr={base_lr!r} must be a positive number")
-    for label, value in (("base_batch_size", base_batch_size), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{label}={value!r} must be a positive integer")
+    check_positive_int("base_batch_size", base_batch_size)
+    check_positive_int("batch_size", batch_size)
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is not one of {', '.join(RULES)}")
     if noise_scale is not None and not (math.isfinite(noise_scale) and noise_scale > 0):

@@ -13,7 +13,7 @@ import functools
 import importlib.util
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,9 +251,7 @@ def build(
 def variant(spec: ModelSpec, *, checkpointing: bool = False, lora: int | None = None) -> ModelSpec:
     """The zoo model changed by a lever, for probe, estimate and check to measure it as trained:
     LoRA adapters of rank `lora` (peft; Hugging Face models) and activation checkpointing."""
-    from dataclasses import replace
-
-    from batchfit.lever import enable_checkpointing, with_lora
+    from batchfit.lever import enable_checkpointing, with_lora  # lever imports this module
 
     model, description = spec.model, spec.description
     if lora is not None:

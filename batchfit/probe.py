@@ -18,7 +18,7 @@ from torch import nn
 
 from batchfit import compiled, devices, distributed
 from batchfit.answer import build_result, finish, with_evaluation
-from batchfit.config import ProbeConfig
+from batchfit.config import ProbeConfig, check_positive_int
 from batchfit.devices import Device
 from batchfit.memory import budget as memory_budget
 from batchfit.memory import format_size
@@ -255,8 +255,7 @@ def preflight(
     error says what to use instead (`find_largest=False` skips it: the caller finds it another
     way, e.g. the lever table's first row).
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    check_positive_int("batch_size", batch_size)
     config = ProbeConfig.from_options(config, options)
     if config.mode == "both":
         raise ValueError("preflight checks one batch size for one use: mode='train' or mode='eval'")
@@ -268,7 +267,7 @@ def preflight(
     budget = memory_budget(dev.capacity, config.margin)
     with holding(model, sample, dev, optimizer, loss_fn, config, None) as probe:
         trial = probe.run(batch_size)
-    fits = trial.ok and trial.peak_reserved <= budget
+    fits = trial.within(budget)
     check = CheckResult(
         batch_size=batch_size,
         fits=fits,

@@ -30,6 +30,10 @@ class Trial:
     """Frames torch.compile compiled during this trial (compile=True): after the first, recompiles."""
     graph_breaks: int = 0
 
+    def within(self, budget: float) -> bool:
+        """Whether every step ran and peaked at or under `budget` bytes reserved."""
+        return self.ok and self.peak_reserved <= budget
+
     @property
     def samples_per_s(self) -> float | None:
         if not self.ok or not self.seconds_per_step:

@@ -88,7 +88,7 @@ class Ledger:
         self.phase, self.last = move.phase, move
 
     def within(self, trial: Trial) -> bool:
-        return trial.ok and trial.peak_reserved <= self.budget
+        return trial.within(self.budget)
 
     def verified(self) -> int:
         """Largest size that ran within the budget and obeys the rounding (0 if none)."""

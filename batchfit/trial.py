@@ -213,7 +213,9 @@ def run_trial(
     measurement = None
     failure: Exception | None = None
     try:
-        with compiled.counting() as count, device.measure() as measurement:
+        # Dynamo's counters only for a compiled step: importing them costs a second.
+        counting = compiled.counting() if workload.compiled else contextlib.nullcontext(compiled.CompileCount())
+        with counting as count, device.measure() as measurement:
             _train(device, workload, held, params, batch_size, steps, measurement)
     except Exception as error:
         if is_oom(error):
@@ -256,8 +258,8 @@ def run_trial(
         alloc_retries=measurement.alloc_retries,
         largest_alloc=measurement.largest_alloc if ok else 0,
         peak_inactive_split=measurement.peak_inactive_split if ok else 0,
-        compilations=count.compilations if workload.compiled else 0,
-        graph_breaks=count.graph_breaks if workload.compiled else 0,
+        compilations=count.compilations,
+        graph_breaks=count.graph_breaks,
     )
 
 

@@ -267,3 +267,38 @@ def test_zoo_variants_from_the_cli(tmp_path):
     assert checkpointed["per_sample_allocated_bytes"] < 0.5 * plain["per_sample_allocated_bytes"]
     refused = run_cli(*base, "--lora", "8")
     assert refused.exit_code == 2 and "Hugging Face models" in refused.stderr
+
+
+def test_levers_leave_a_real_model_and_its_optimizer_bitwise_as_they_were():
+    """Every lever is applied to the user's model in place and undone: weights, buffers, gradients,
+    requires_grad flags, forwards, training mode and the optimizer's state come back as they were."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.ReLU()) for _ in range(2)])
+    model = nn.Sequential(blocks, nn.Linear(32, 4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 32)).sum().backward()
+    optimizer.step()
+    model[0][0][0].bias.requires_grad_(False)
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    saved = {k: {n: v.clone() for n, v in s.items()} for k, s in optimizer.state_dict()["state"].items()}
+    table = batchfit.levers(model, torch.randn(32), 64, optimizer=optimizer, memory=card(8))
+    assert _rows(table)["activation checkpointing"].applies and _rows(table)["frozen base"].applies
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters() if n in grads)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not model.training and all("forward" not in vars(m) for m in model.modules())
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(saved[k][n], after[k][n]) for k in saved for n in saved[k])
+
+
+def test_a_zoo_variant_that_cannot_apply_is_one_line(tmp_path):
+    path = tmp_path / "one.py"
+    path.write_text("from torch import nn\ndef make():\n    return nn.Linear(16, 4)\n")
+    result = run_cli(
+        "estimate", "--model", f"{path}:make", "--input-shape", "16", "--memory", "64MiB", "--checkpointing"
+    )
+    assert result.exit_code == 2 and "no repeated blocks" in result.stderr
+    assert "Traceback" not in result.stderr
