@@ -1,5 +1,5 @@
 """`python -m batchfit` (and `torchrun -m batchfit`) runs the command line."""
 
-from batchfit.cli import main
+from batchfit.cli import entry
 
-main()
+entry()
