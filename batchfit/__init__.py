@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # type checkers see the real names; at run time they load on first use
     from batchfit.compiled import CompileError
     from batchfit.config import ProbeConfig
-    from batchfit.devices import CudaDevice, Device, SimulatedDevice, device_kind
+    from batchfit.device import CudaDevice, Device, SimulatedDevice, device_kind
     from batchfit.distributed import DistributedProbeError
     from batchfit.lever import Lever, LeverTable, levers
     from batchfit.limit import predict_limit
@@ -31,8 +31,8 @@ except PackageNotFoundError:  # a source tree that was never installed
 _EXPORTS = {
     "CheckResult": "batchfit.result",
     "CompileError": "batchfit.compiled",
-    "CudaDevice": "batchfit.devices",
-    "Device": "batchfit.devices",
+    "CudaDevice": "batchfit.device",
+    "Device": "batchfit.device",
     "DistributedProbeError": "batchfit.distributed",
     "DoesNotFitError": "batchfit.result",
     "LRScaling": "batchfit.lr",
@@ -41,10 +41,10 @@ _EXPORTS = {
     "NoiseScale": "batchfit.noise",
     "ProbeConfig": "batchfit.config",
     "Result": "batchfit.result",
-    "SimulatedDevice": "batchfit.devices",
+    "SimulatedDevice": "batchfit.device",
     "Trial": "batchfit.result",
     "TrialError": "batchfit.trial",
-    "device_kind": "batchfit.devices",
+    "device_kind": "batchfit.device",
     "find_batch_size": "batchfit.probe",
     "format_size": "batchfit.memory",
     "levers": "batchfit.lever",

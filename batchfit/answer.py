@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from batchfit.config import ProbeConfig
-from batchfit.devices import Device
+from batchfit.device import Device
 from batchfit.lr import scale_lr
 from batchfit.memory import budget as memory_budget
 from batchfit.memory import round_batch

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 # torch-free, like memory: `batchfit --help` must not import torch
-from batchfit.config import LR_RULES, MODES, OBJECTIVES, PRECISIONS, ROUNDINGS, check_device_name
+from batchfit.config import LR_RULES, MODES, OBJECTIVES, OPTIMIZER_NAMES, PRECISIONS, ROUNDINGS, check_device_name
 from batchfit.gpus import find_gpu
 from batchfit.memory import parse_size
 
@@ -104,7 +104,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
         click.option(
             "--optimizer",
-            type=click.Choice(["sgd", "adamw", "adam"]),
+            type=click.Choice(OPTIMIZER_NAMES),
             default="sgd",
             show_default=True,
             help="SGD momentum 0.9; AdamW/Adam with foreach.",
@@ -195,7 +195,8 @@ class Run:
 
     def __init__(self, opts: dict[str, Any], *, simulate: bool, **extra: Any) -> None:
         import batchfit
-        from batchfit.models import OPTIMIZERS, UserCodeError, build, variant
+        from batchfit.models import UserCodeError, build, variant
+        from batchfit.optimizers import OPTIMIZERS
 
         if not opts["model_name"]:
             raise click.UsageError("--model is required (see batchfit probe --list-models)")

@@ -17,11 +17,13 @@ Rounding = Literal["pow2", "mult8", "none"]
 LrRule = Literal["auto", "linear", "sqrt", "noise"]
 Objective = Literal["memory", "throughput", "goodput"]
 Mode = Literal["train", "eval", "both"]
+OptimizerName = Literal["sgd", "adamw", "adam"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 LR_RULES: tuple[str, ...] = get_args(LrRule)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 MODES: tuple[str, ...] = get_args(Mode)
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 # Where trials run: 'cuda' / 'cuda:N' a real GPU, 'simulated' the offline estimate (fake tensors),
 # 'cpu' the simulated device with real CPU arithmetic (real step times).
 DEVICE_NAMES = ("cuda", "cuda:N", "simulated", "cpu")

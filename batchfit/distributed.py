@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from batchfit import devices
+from batchfit.device import cuda_available, cuda_count, select_cuda
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def setup(timeout_s: float) -> Any:
         if not torchrun_environment():
             return None
         timeout = datetime.timedelta(seconds=timeout_s)
-        backend = "nccl" if devices.cuda_available() else "gloo"
+        backend = "nccl" if cuda_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=timeout)
         # Ours, so ours to close: a process group still open when the interpreter shuts down can
         # abort it ("terminate called without an active exception", exit -6 instead of ours).
@@ -86,8 +86,8 @@ def setup(timeout_s: float) -> Any:
         log.info("initialised %s process group, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
     if dist.get_world_size() < 2:
         return None
-    if devices.cuda_available():
-        devices.select_cuda(int(os.environ.get("LOCAL_RANK", dist.get_rank() % devices.cuda_count())))
+    if cuda_available():
+        select_cuda(int(os.environ.get("LOCAL_RANK", dist.get_rank() % cuda_count())))
     # A CPU-side group with our own timeout: agreement must not hang on NCCL's or a dead rank.
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 

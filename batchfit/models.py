@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchfit.trial import DEFAULT_SGD
+from batchfit.lever.changes import enable_checkpointing, with_lora
 
 IMAGE_SHAPE = (3, 224, 224)
 
@@ -251,7 +250,6 @@ def build(
 def variant(spec: ModelSpec, *, checkpointing: bool = False, lora: int | None = None) -> ModelSpec:
     """The zoo model changed by a lever, for probe, estimate and check to measure it as trained:
     LoRA adapters of rank `lora` (peft; Hugging Face models) and activation checkpointing."""
-    from batchfit.lever import enable_checkpointing, with_lora  # lever imports this module
 
     model, description = spec.model, spec.description
     if lora is not None:
@@ -261,11 +259,3 @@ def variant(spec: ModelSpec, *, checkpointing: bool = False, lora: int | None = 
         wrapped, _ = enable_checkpointing(model)  # the zoo's own model: it stays checkpointed
         description += f", checkpointed ({wrapped})"
     return replace(spec, model=model, description=description)
-
-
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    # The probe's defaults: SGD as in Goyal et al.; AdamW/Adam at common transformer settings.
-    "sgd": DEFAULT_SGD,
-    "adamw": functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01, foreach=True),
-    "adam": functools.partial(torch.optim.Adam, lr=1e-3, foreach=True),
-}

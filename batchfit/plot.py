@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchfit.lever import LeverTable
+from batchfit.lever.records import LeverTable
 from batchfit.memory import GIB
 from batchfit.memory import budget as memory_budget
 from batchfit.result import Result

@@ -6,118 +6,29 @@ pipelines. Both leave the user's model exactly as they found it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
-from batchfit import compiled, devices, distributed
+from batchfit import distributed
 from batchfit.answer import build_result, finish, with_evaluation
 from batchfit.config import ProbeConfig, check_positive_int
-from batchfit.devices import Device
+from batchfit.device import Device, resolve_device, timer
 from batchfit.memory import budget as memory_budget
 from batchfit.memory import format_size
 from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
 from batchfit.samples import choose
 from batchfit.search import search
-from batchfit.snapshot import ModelSnapshot
+from batchfit.session import has_batchnorm, holding
 from batchfit.trial import (
-    Workload,
-    check_sample,
-    default_loss,
     loss_for,
-    optimizer_factory,
-    run_trial,
-    trainable,
 )
 
 log = logging.getLogger(__name__)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """BatchNorm cannot train on one example ("Expected more than 1 value per channel")."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-@dataclass
-class _Probe:
-    """A model held on a device, ready to run trials; undone on exit."""
-
-    device: Device
-    workload: Workload
-    steps: int
-    held: dict[str, Any]
-    params: list[Any]
-    on_trial: Callable[[Trial], None] | None
-    on_trial_start: Callable[[int], None] | None
-
-    def run(self, batch_size: int) -> Trial:
-        log.debug("trial at batch_size=%d", batch_size)
-        if self.on_trial_start is not None:
-            self.on_trial_start(batch_size)
-        trial = run_trial(self.device, self.workload, self.held, self.params, batch_size, self.steps)
-        log.info(
-            "batch %d: %s, peak reserved %s",
-            batch_size,
-            "fitted" if trial.ok else "OOM",
-            format_size(trial.peak_reserved),
-        )
-        if self.on_trial is not None:
-            self.on_trial(trial)
-        return trial
-
-
-@contextlib.contextmanager
-def holding(
-    model: nn.Module,
-    sample: Any,
-    device: Device,
-    optimizer: Any,
-    loss_fn: Any,
-    config: ProbeConfig,
-    on_trial: Callable[[Trial], None] | None,
-    on_trial_start: Callable[[int], None] | None = None,
-) -> Iterator[_Probe]:
-    """`model` held on `device`, ready to run trials (`probe.run(B)`); put back as it was on exit.
-
-    The probe, the pre-flight check and the lever table all run their trials inside one.
-    """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_sample(sample)
-    workload = Workload(
-        model=model,
-        sample=sample,
-        loss_fn=loss_fn or default_loss,
-        make_optimizer=optimizer_factory(optimizer),
-        amp_dtype=config.amp_dtype,  # type: ignore[arg-type]
-        train=config.mode != "eval",
-        compile_backend=device.compile_backend if config.compile else None,
-    )
-    snapshot = ModelSnapshot(model, copy_weights=device.trains_in_place)
-    probe = None
-    try:
-        snapshot.set_grads_aside()
-        with device.session(), device.hold(model) as held:
-            model.train(config.mode != "eval")
-            probe = _Probe(
-                device, workload, config.steps_per_trial, held, trainable(model, held), on_trial, on_trial_start
-            )
-            yield probe
-    finally:
-        if probe is not None:  # the caller may keep the probe object; its device tensors must go now
-            probe.held.clear()
-            probe.params.clear()
-        snapshot.restore()
-        if workload.compiled:
-            compiled.reset()
-        gc.collect()  # one full collection at the end, not per trial: it costs ~0.1 s in a big process
-        device.empty_cache()
 
 
 def find_batch_size(
@@ -208,10 +119,10 @@ def _probe_here(
     on_start: Callable[[Device], None] | None = None,
 ) -> Result:
     """The probe on this process's device, before any agreement between ranks."""
-    dev = devices.resolve_device(device, config)
+    dev = resolve_device(device, config)
     if on_start is not None:
         on_start(dev)
-    timer_start = devices.timer()
+    timer_start = timer()
     with holding(model, sample, dev, optimizer, loss_fn, config, on_trial, on_trial_start) as probe:
         outcome = search(
             probe.run,
@@ -232,7 +143,7 @@ def _probe_here(
             f"on {dev.description}: batch_size={first.batch_size} "
             + ("ran out of memory" if not first.ok else f"peaked at {format_size(first.peak_reserved)}")
         )
-    return build_result(outcome, dev, config, devices.timer() - timer_start)
+    return build_result(outcome, dev, config, timer() - timer_start)
 
 
 def preflight(
@@ -261,7 +172,7 @@ def preflight(
         raise ValueError("preflight checks one batch size for one use: mode='train' or mode='eval'")
     loss_fn = loss_for(loss_fn, step)
     sample = choose(sample, config.scan_items).sample  # the worst input decides whether it fits
-    dev = devices.resolve_device(device, config)
+    dev = resolve_device(device, config)
     if on_start is not None:
         on_start(dev)
     budget = memory_budget(dev.capacity, config.margin)

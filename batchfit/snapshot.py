@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from batchfit import devices
+from batchfit.device import rng_state, set_rng_state
 
 
 class ModelSnapshot:
@@ -39,7 +39,7 @@ class ModelSnapshot:
                     if kind == "_parameters":
                         self.grads[id(tensor)] = (tensor, tensor.grad)
         self.modes = [(m, m.training) for m in model.modules()]
-        self.rng = devices.rng_state()
+        self.rng = rng_state()
 
     def set_grads_aside(self) -> None:
         for tensor, _ in self.grads.values():
@@ -61,4 +61,4 @@ class ModelSnapshot:
             tensor.grad = grad
         for module, training in self.modes:
             module.training = training
-        devices.set_rng_state(self.rng)
+        set_rng_state(self.rng)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import statistics
 import traceback
 from collections.abc import Callable, Mapping
@@ -16,43 +14,17 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
-from batchfit import compiled, devices
-from batchfit.devices import Device
+from batchfit import compiled
+from batchfit.device import Device, Measurement, timer
 from batchfit.oom import is_oom, release
+from batchfit.optimizers import OptimizerFactory
 from batchfit.result import Trial
 
-OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
-
-
-# The optimizer when none is given: SGD with momentum as in Goyal et al., foreach as CUDA defaults.
-DEFAULT_SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, foreach=True)
 
 
 class TrialError(RuntimeError):
     """A trial failed for a reason other than memory: a bug the user must see."""
-
-
-def optimizer_factory(optimizer: Any) -> OptimizerFactory:
-    """A factory for fresh optimizers like the user's, over whatever parameters a trial holds.
-
-    A fresh optimizer of the user's class and hyperparameters has the same state memory
-    without ever stepping the user's own. CUDA optimizers default to foreach=True and CPU
-    ones do not, so foreach is made explicit to keep the simulated device honest.
-    """
-    if optimizer is None:
-        return DEFAULT_SGD
-    if isinstance(optimizer, torch.optim.Optimizer):
-        cls = type(optimizer)
-        accepted = inspect.signature(cls.__init__).parameters
-        # `defaults` can hold derived keys the constructor refuses (AdamW's decoupled_weight_decay).
-        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-        if "foreach" in defaults and defaults["foreach"] is None and not defaults.get("fused"):
-            defaults["foreach"] = True
-        return lambda params: cls(params, **defaults)
-    if callable(optimizer):
-        return optimizer
-    raise ValueError(f"optimizer={optimizer!r} is neither a torch.optim.Optimizer nor a factory params -> optimizer")
 
 
 def default_loss(output: Any, batch: Any) -> torch.Tensor:
@@ -236,7 +208,7 @@ def run_trial(
         raise wrapped
     device.empty_cache()
     if measurement is None:  # out of memory before the first step (the device's fixed memory)
-        measurement = devices.Measurement()
+        measurement = Measurement()
     ok = len(measurement.step_seconds) == steps
     if workload.compiled:
         workload.compilations += count.compilations
@@ -282,14 +254,14 @@ def _train(
     params: list[torch.Tensor],
     batch_size: int,
     steps: int,
-    measurement: devices.Measurement,
+    measurement: Measurement,
 ) -> None:
     """The steps themselves, in a frame of their own so their tensors die with it."""
     batch = workload.batch(device, batch_size)
     optimizer = workload.make_optimizer(params) if workload.train else None
     amp = workload.amp_dtype
     for step in range(steps):
-        start = devices.timer()
+        start = timer()
         # The first step's allocation watch is a dispatch mode, under which dynamo would not
         # compile: a compiled step goes unwatched.
         watch = step == 0 and not workload.compiled
@@ -305,4 +277,4 @@ def _train(
             else:
                 del loss
             device.synchronize()
-        measurement.step_seconds.append(devices.timer() - start)
+        measurement.step_seconds.append(timer() - start)

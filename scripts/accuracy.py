@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from batchfit import find_batch_size, predict_limit  # noqa: E402
-from batchfit.devices import SimulatedDevice  # noqa: E402
+from batchfit.device import SimulatedDevice  # noqa: E402
 from batchfit.limit import before_first_oom  # noqa: E402
 from batchfit.memory import GIB, MIB  # noqa: E402
-from batchfit.models import OPTIMIZERS, build  # noqa: E402
+from batchfit.models import build  # noqa: E402
+from batchfit.optimizers import OPTIMIZERS  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "calibration"
 DERIVED = DATA / "derived_largest_alloc.json"
@@ -70,7 +71,7 @@ def _simulate(case: dict[str, Any], capacity: int, **options: Any) -> Any:
 def derive() -> None:
     """Largest single allocation at every batch size of each trace, from the simulated device."""
     from batchfit.config import ProbeConfig
-    from batchfit.probe import holding  # one trial at a chosen size
+    from batchfit.session import holding  # one trial at a chosen size
 
     out: dict[str, dict[str, int]] = {}
     for name, case in CASES.items():

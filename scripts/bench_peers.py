@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 import batchfit
-from batchfit.devices import CudaDevice, Device, SimulatedDevice
-from batchfit.models import OPTIMIZERS, build
+from batchfit.device import CudaDevice, Device, SimulatedDevice
+from batchfit.models import build
+from batchfit.optimizers import OPTIMIZERS
 from batchfit.trial import Workload, default_loss
 
 STEPS_PER_TRIAL = 3  # Lightning's default; batchfit uses its own default of 2: each tool as users run it.

@@ -12,7 +12,8 @@ import time
 
 import batchfit
 from batchfit.memory import format_size
-from batchfit.models import OPTIMIZERS, build
+from batchfit.models import build
+from batchfit.optimizers import OPTIMIZERS
 
 CASES = {
     "resnet18": ({"name": "resnet18"}, {"gpu": "A10G"}, "sgd"),

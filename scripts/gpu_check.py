@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_peers import SUITES, Bench, Case
 
 import batchfit
-from batchfit.devices import SimulatedDevice
+from batchfit.device import SimulatedDevice
 from batchfit.limit import before_first_oom
 
 
 def lever_check(model: Any, sample: Any, device: Any, common: dict[str, Any], batch: int) -> dict[str, Any]:
     """The lever table's estimate beside real probes of the same variants (checkpointing, frozen base)."""
-    from batchfit.lever import checkpointing, frozen_base
+    from batchfit.lever.changes import checkpointing, frozen_base
 
     table = batchfit.levers(model, sample, batch, device=device, groups=("checkpointing", "frozen"), **common)
     rows = {lever.name: lever.fits for lever in table.levers}

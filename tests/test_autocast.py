@@ -16,7 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from batchfit.autocast import CudaAutocastPolicy, cuda_policy, registered
+from batchfit.device.sim.autocast import CudaAutocastPolicy, cuda_policy, registered
 
 
 @contextlib.contextmanager

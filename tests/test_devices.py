@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchfit.devices import CudaDevice, SimulatedDevice
+from batchfit.device import CudaDevice, SimulatedDevice
 
 GIB = 1024**3
 

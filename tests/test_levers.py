@@ -11,8 +11,16 @@ from conftest import WORKSPACES, card, linear_stack, needs_hf, needs_peft, needs
 from torch import nn
 
 import batchfit
-from batchfit.lever import checkpointing, frozen_base, meta_copy, repeated_blocks, sequence_length, shorten, with_lora
-from batchfit.models import OPTIMIZERS
+from batchfit.lever.changes import (
+    checkpointing,
+    frozen_base,
+    meta_copy,
+    repeated_blocks,
+    sequence_length,
+    shorten,
+    with_lora,
+)
+from batchfit.optimizers import OPTIMIZERS
 
 
 def tiny_gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:

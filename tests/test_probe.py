@@ -260,7 +260,7 @@ def test_goodput_needs_a_noise_scale():
 def test_each_trial_frees_its_memory_without_a_garbage_collection(compute):
     """Trials skip gc.collect() (slow in big processes), so nothing may hang on in a cycle."""
     from batchfit.config import ProbeConfig
-    from batchfit.probe import holding
+    from batchfit.session import holding
 
     dev = SimulatedDevice(card(64), compute=compute)
     model = linear_stack(3, 128)

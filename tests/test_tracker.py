@@ -3,7 +3,7 @@ import gc
 import pytest
 import torch
 
-from batchfit.tracker import MemoryTracker
+from batchfit.device.sim.tracker import MemoryTracker
 
 
 def test_counts_once_per_storage_and_frees():
@@ -39,7 +39,7 @@ def test_views_of_untracked_tensors_are_not_allocations():
 
 
 def test_dropout_saves_a_bool_mask_as_cuda_does():
-    from batchfit.tracker import CudaKernelRouting
+    from batchfit.device.sim.tracker import CudaKernelRouting
 
     saved: list[torch.dtype] = []
     x = torch.randn(64, 64, requires_grad=True)

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from batchfit.allocator import AllocatorOutOfMemory, Block, CachingAllocator, round_size
+from batchfit.device.sim.allocator import AllocatorOutOfMemory, Block, CachingAllocator
+from batchfit.device.watch import run_tracking_new
 from batchfit.memory import format_size
 
 
@@ -82,39 +82,7 @@ class MemoryTracker(TorchDispatchMode):
         self.allocator.reset_peaks()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        return _run_tracking_new(func, args, kwargs, self.track)
-
-
-class AllocationWatch(TorchDispatchMode):
-    """The largest single allocation while active: what the limit model needs from a real GPU.
-
-    The caching allocator's statistics have no such figure; a huge request (GPT-2's fp32
-    logits) can fail while gigabytes lie free in smaller holes, so predict_limit uses it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        return _run_tracking_new(func, args, kwargs, self._see)
-
-    def _see(self, tensor: torch.Tensor) -> None:
-        self.largest = max(self.largest, round_size(tensor.untyped_storage().nbytes()))
-
-
-def _run_tracking_new(func: Any, args: Any, kwargs: Any, on_new: Any) -> Any:
-    """Run `func`, calling `on_new` on each output whose storage is new.
-
-    Outputs that alias an input (views, in-place ops) allocate nothing; skipping them also
-    keeps views of tensors made before tracking (a dataset in host memory) off the device.
-    """
-    inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-    out = func(*args, **(kwargs or {}))
-    for item in tree_flatten(out)[0]:
-        if isinstance(item, torch.Tensor) and id(item.untyped_storage()) not in inputs:
-            on_new(item)
-    return out
+        return run_tracking_new(func, args, kwargs, self.track)
 
 
 def _fused_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""A GPU simulated on the CPU: fake (or real CPU) tensors, every storage fed to a model of
+CUDA's caching allocator, and CUDA's autocast and kernel choices where memory depends on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from batchfit.device.base import Device, Measurement, named_tensors
+from batchfit.device.sim.autocast import CudaAutocastPolicy
+from batchfit.device.sim.tracker import CudaKernelRouting, MemoryTracker
+from batchfit.gpus import HOPPER_WORKSPACES
+from batchfit.memory import format_size
+
+
+class SimulatedDevice(Device):
+    """A GPU of `capacity` bytes, simulated on the CPU by the memory tracker.
+
+    compute='fake' runs on FakeTensorMode (no real memory or arithmetic: the offline
+    estimate); compute='real' runs real CPU arithmetic with the capacity enforced, so
+    other tools' OOM handling can be compared on a machine without a GPU.
+    """
+
+    is_estimate = True
+    # Inductor's kernels allocate their buffers outside the dispatcher, where the tracker cannot
+    # see them (a compiled MLP's step showed 512 B). This backend runs AOTAutograd's graph as
+    # inductor partitions it (what is saved for backward) with eager, visible kernels.
+    compile_backend = "aot_eager_decomp_partition"
+
+    def __init__(
+        self,
+        capacity: int,
+        compute: str = "fake",
+        name: str | None = None,
+        workspaces: tuple[int, ...] = HOPPER_WORKSPACES,
+        context_bytes: int | None = None,
+        caveat: str | None = None,
+    ) -> None:
+        if compute not in ("fake", "real"):
+            raise ValueError(f"compute={compute!r} is not one of 'fake', 'real'")
+        self.capacity = capacity
+        self.compute = compute
+        self.real_timing = compute == "real"
+        self.trains_in_place = compute == "real"
+        self.torch_device = torch.device("cpu")
+        self.tracker = MemoryTracker(capacity)
+        self.workspaces = workspaces
+        self._workspace_blocks: list[Any] = []
+        self._fake_mode: Any = None
+        self._policy = CudaAutocastPolicy()
+        label = name or format_size(capacity)
+        kind = "estimate, no real compute" if compute == "fake" else "real CPU compute"
+        self.description = f"simulated {label} GPU ({kind})"
+        source = "measured on an H200, torch 2.11" if workspaces == HOPPER_WORKSPACES else "torch's default"
+        extra = ["simulated device: memory is an estimate from a model of CUDA's caching allocator"]
+        if workspaces:
+            extra.append(
+                f"fixed memory no tensor shows is added: {format_size(sum(workspaces))} of cuBLAS/cuBLASLt "
+                f"workspaces ({source}); cuDNN's per-call workspaces are not modelled"
+            )
+        if context_bytes:
+            extra.append(
+                f"capacity is the card's total less {format_size(context_bytes)} of CUDA context, which "
+                "lives outside the caching allocator (measured on Hopper cards, CUDA 12)"
+            )
+        self.caveat = caveat
+        self.notes = (*([caveat] if caveat else []), *extra)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        try:
+            with self._policy.installed(), self._compute():
+                yield
+        finally:
+            for block in self._workspace_blocks:
+                self.tracker.release(block)
+            self._workspace_blocks = []
+            self.tracker.allocator.empty_cache()
+
+    @contextlib.contextmanager
+    def autocast(self, dtype: torch.dtype | None) -> Iterator[None]:
+        try:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                yield
+        finally:
+            self._policy.clear_cache()
+
+    @contextlib.contextmanager
+    def _compute(self) -> Iterator[None]:
+        if self.compute == "real":
+            yield
+            return
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self._fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+        # FakeTensorMode logs a traceback for every kernel that raises; the probe re-raises
+        # real errors itself, naming the batch size, so that log is noise here.
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        was_disabled, fake_log.disabled = fake_log.disabled, True
+        try:
+            yield
+        finally:
+            self._fake_mode = None
+            fake_log.disabled = was_disabled
+
+    @contextlib.contextmanager
+    def hold(self, model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+        named = named_tensors(model.to(self.torch_device) if self.compute == "real" else model)
+        if self._fake_mode is not None:
+            # Fake copies stand in for the user's weights, which are never touched.
+            memo: dict[int, torch.Tensor] = {}
+            named = {k: memo.setdefault(id(t), self._fake(t)) for k, t in named.items()}
+        for tensor in named.values():
+            self.tracker.track(tensor)
+        yield named
+
+    def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Shape, strides and dtype are all a fake tensor needs; the values are never read, so
+        # a model built on the meta device (no memory, no init time) works as well as a real one.
+        with self._fake_mode:
+            fake = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="cpu")
+        return fake.requires_grad_(tensor.requires_grad)
+
+    def put(self, tree: Any) -> Any:
+        mode = self._fake_mode
+
+        def convert(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            if mode is not None and not mode.is_our_fake(t):
+                t = self._fake(t)  # a CUDA or meta sample becomes a CPU stand-in like the weights
+            elif mode is None and not self.tracker.is_tracked(t):
+                t = t.clone()  # the copy `.to("cuda")` makes: it dies with the trial, the user's does not
+            self.tracker.track(t)
+            return t
+
+        return tree_map(convert, tree)
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement]:
+        self.tracker.reset_peak()
+        result = Measurement()
+        with contextlib.ExitStack() as stack:
+            if self._fake_mode is not None:
+                stack.enter_context(self._fake_mode)
+            stack.enter_context(self.tracker)
+            stack.enter_context(CudaKernelRouting())
+            retries = self.tracker.allocator.num_alloc_retries
+            try:
+                self._hold_workspaces()
+                yield result
+            finally:
+                allocator = self.tracker.allocator
+                result.peak_allocated = allocator.peak_allocated
+                result.peak_reserved = allocator.peak_reserved
+                result.peak_inactive_split = allocator.peak_inactive_split
+                result.largest_alloc = allocator.largest_request
+                result.alloc_retries = allocator.num_alloc_retries - retries
+
+    def _hold_workspaces(self) -> None:
+        # CUDA creates them at the first matmul of the first step, then keeps them: inside a
+        # trial, so a card too small even for them runs out of memory like any trial.
+        for nbytes in self.workspaces[len(self._workspace_blocks) :]:
+            self._workspace_blocks.append(self.tracker.reserve(nbytes))
+
+    def empty_cache(self) -> None:
+        self.tracker.allocator.empty_cache()
+
+    def allocated(self) -> int:
+        return self.tracker.allocated
+
+    def num_ooms(self) -> int:
+        return self.tracker.allocator.num_ooms
