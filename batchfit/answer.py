@@ -20,10 +20,16 @@ from batchfit.result import Result
 from batchfit.search import SearchOutcome, reserved_model
 
 
-def finish(local: Result, config: ProbeConfig, optimizer: Any, reports: list[Any]) -> Result:
-    """Agree across ranks (the smallest card decides), plan the global batch, scale the rate on it."""
+def finish(
+    local: Result, config: ProbeConfig, optimizer: Any, reports: list[Any], world_size: int | None = None
+) -> Result:
+    """Agree across ranks (the smallest card decides), plan the global batch, scale the rate on it.
+
+    `world_size`: the ranks the batch is planned for when no reports stand for them (an offline
+    sharded estimate answers for N ranks from one process)."""
     per_device = min([local.recommended_batch_size] + [r.recommended for r in reports])
-    plan = plan_global_batch(per_device, max(1, len(reports)), config.target_global_batch)
+    world = world_size if world_size is not None else max(1, len(reports))
+    plan = plan_global_batch(per_device, world, config.target_global_batch)
     notes = list(local.notes)
     if plan.per_device < local.recommended_batch_size:
         notes.append(

@@ -120,6 +120,41 @@ HF_FAMILIES: dict[str, dict[str, Any]] = {
             "tie_word_embeddings": True,
         },
     },
+    # Llama 2 7B's published shape (config.json of meta-llama/Llama-2-7b-hf).
+    "llama-7b": {
+        "config": "LlamaConfig",
+        "model": "LlamaForCausalLM",
+        "labels": "lm",
+        "seq_len": 4096,
+        "kwargs": {
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "vocab_size": 32000,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+        },
+    },
+    # Llama 3.1 8B's published shape (config.json of meta-llama/Llama-3.1-8B).
+    "llama-8b": {
+        "config": "LlamaConfig",
+        "model": "LlamaForCausalLM",
+        "labels": "lm",
+        "seq_len": 8192,
+        "kwargs": {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "max_position_embeddings": 131072,
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": False,
+        },
+    },
 }
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from batchfit import compiled
 from batchfit.config import ProbeConfig
 from batchfit.device import Device
+from batchfit.internals import fsdp_modules
 from batchfit.memory import format_size
 from batchfit.optimizers import optimizer_factory
 from batchfit.result import Trial
@@ -85,8 +86,9 @@ def holding(
         amp_dtype=config.amp_dtype,  # type: ignore[arg-type]
         train=config.mode != "eval",
         compile_backend=device.compile_backend if config.compile else None,
+        sharded=bool(fsdp_modules(model)),
     )
-    snapshot = ModelSnapshot(model, copy_weights=device.trains_in_place)
+    snapshot = ModelSnapshot(model, copy_weights=device.holds_in_place(model))
     probe = None
     try:
         snapshot.set_grads_aside()

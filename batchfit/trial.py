@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from batchfit import compiled
 from batchfit.device import Device, Measurement, timer
+from batchfit.internals import reset_after_failure
 from batchfit.oom import is_oom, release
 from batchfit.optimizers import OptimizerFactory
 from batchfit.result import Trial
@@ -82,6 +83,10 @@ class Workload:
     """A torch.compile backend: the step is compiled once, on first use, and reused by every trial."""
     compilations: int = 0
     """Frames dynamo has compiled for this workload so far."""
+    sharded: bool = False
+    """An FSDP2 model: called itself, not through functional_call (its hooks swap its parameters
+    between sharded and unsharded; stand-ins would be put over the unsharded ones), and reset after
+    a step that failed."""
     _compiled: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -110,8 +115,8 @@ class Workload:
 
     def _loss(self, held: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         if isinstance(self.loss_fn, Step):
-            return self.loss_fn.loss(self.model, held, batch)
-        return self.loss_fn(_call(self.model, held, batch), batch)
+            return self.loss_fn.fn(self.model, batch) if self.sharded else self.loss_fn.loss(self.model, held, batch)
+        return self.loss_fn(_call(self.model, None if self.sharded else held, batch), batch)
 
 
 def _repeat(example: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -155,12 +160,18 @@ class _StepModule(nn.Module):
         return self.fn(self.model, batch)
 
 
-def _call(model: nn.Module, tensors: dict[str, torch.Tensor], batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return functional_call(model, tensors, (), dict(batch))
-    if isinstance(batch, (tuple, list)):
-        return functional_call(model, tensors, tuple(batch))
-    return functional_call(model, tensors, (batch,))
+def _call(model: nn.Module, tensors: dict[str, torch.Tensor] | None, batch: Any) -> Any:
+    """`model` on `batch`, with `tensors` in place of its own (None: its own)."""
+    args, kwargs = (
+        ((), dict(batch))
+        if isinstance(batch, Mapping)
+        else (tuple(batch), {})
+        if isinstance(batch, (tuple, list))
+        else ((batch,), {})
+    )
+    if tensors is None:
+        return model(*args, **kwargs)
+    return functional_call(model, tensors, args, kwargs)
 
 
 def trainable(model: nn.Module, held: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -190,6 +201,8 @@ def run_trial(
         with counting as count, device.measure() as measurement:
             _train(device, workload, held, params, batch_size, steps, measurement)
     except Exception as error:
+        if workload.sharded:
+            reset_after_failure(workload.model)
         if is_oom(error):
             release(error)
         else:

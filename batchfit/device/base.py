@@ -68,6 +68,16 @@ class Device:
         model.to(self.torch_device)
         yield named_tensors(model)
 
+    def holds_in_place(self, model: nn.Module) -> bool:
+        """Whether trials train `model`'s own tensors (so a probe must copy them to restore)."""
+        return self.trains_in_place
+
+    @contextlib.contextmanager
+    def lockstep(self) -> Iterator[None]:
+        """Around the trials that ranks run in lockstep (sharded models): where the device can,
+        a step that runs out of memory still runs to its end, so no rank waits in a collective."""
+        yield
+
     def put(self, tree: Any) -> Any:
         """Move every tensor in `tree` to the device."""
         return tree_map(lambda t: t.to(self.torch_device) if isinstance(t, torch.Tensor) else t, tree)

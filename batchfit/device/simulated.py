@@ -17,6 +17,7 @@ from batchfit.device.base import Device, Measurement, named_tensors
 from batchfit.device.sim.autocast import CudaAutocastPolicy
 from batchfit.device.sim.tracker import CudaKernelRouting, MemoryTracker
 from batchfit.gpus import HOPPER_WORKSPACES
+from batchfit.internals import local_shard
 from batchfit.memory import format_size
 
 
@@ -54,6 +55,7 @@ class SimulatedDevice(Device):
         self.workspaces = workspaces
         self._workspace_blocks: list[Any] = []
         self._fake_mode: Any = None
+        self._mode: Any = None
         self._policy = CudaAutocastPolicy()
         label = name or format_size(capacity)
         kind = "estimate, no real compute" if compute == "fake" else "real CPU compute"
@@ -97,9 +99,7 @@ class SimulatedDevice(Device):
         if self.compute == "real":
             yield
             return
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        self._fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+        self._fake_mode = self._own_mode()
         # FakeTensorMode logs a traceback for every kernel that raises; the probe re-raises
         # real errors itself, naming the batch size, so that log is noise here.
         fake_log = logging.getLogger("torch._subclasses.fake_tensor")
@@ -110,18 +110,43 @@ class SimulatedDevice(Device):
             self._fake_mode = None
             fake_log.disabled = was_disabled
 
+    def _own_mode(self) -> Any:
+        """This card's FakeTensorMode, one for its lifetime: a model built in it is the card's own."""
+        if self._mode is None:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            self._mode = FakeTensorMode(allow_non_fake_inputs=False)
+        return self._mode
+
+    def build_mode(self) -> contextlib.AbstractContextManager[Any]:
+        """Where to build a model whose tensors live on this card from the start (a model sharded
+        by fully_shard, which owns its parameter objects): its fake mode; real compute: nothing."""
+        return self._own_mode() if self.compute == "fake" else contextlib.nullcontext()
+
+    def _ours(self, tensor: torch.Tensor) -> bool:
+        return self._mode is not None and self._mode.is_our_fake(local_shard(tensor))
+
+    def holds_in_place(self, model: nn.Module) -> bool:
+        return self.trains_in_place or any(self._ours(t) for t in named_tensors(model).values())
+
     @contextlib.contextmanager
     def hold(self, model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         named = named_tensors(model.to(self.torch_device) if self.compute == "real" else model)
         if self._fake_mode is not None:
-            # Fake copies stand in for the user's weights, which are never touched.
+            # Fake copies stand in for the user's weights, which are never touched; tensors built
+            # on this card (build_mode) are its own already and train in place.
             memo: dict[int, torch.Tensor] = {}
-            named = {k: memo.setdefault(id(t), self._fake(t)) for k, t in named.items()}
+            named = {k: t if self._ours(t) else memo.setdefault(id(t), self._fake(t)) for k, t in named.items()}
         for tensor in named.values():
             self.tracker.track(tensor)
         yield named
 
     def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
+        if local_shard(tensor) is not tensor:
+            raise ValueError(
+                "a model sharded with fully_shard runs on the simulated device only when it was built and "
+                "sharded there: use batchfit.estimate_sharded (or device='cpu' for real CPU compute)"
+            )
         # Shape, strides and dtype are all a fake tensor needs; the values are never read, so
         # a model built on the meta device (no memory, no init time) works as well as a real one.
         with self._fake_mode:
@@ -153,6 +178,7 @@ class SimulatedDevice(Device):
             stack.enter_context(self.tracker)
             stack.enter_context(CudaKernelRouting())
             retries = self.tracker.allocator.num_alloc_retries
+            self.tracker.deferred = None
             try:
                 self._hold_workspaces()
                 yield result
@@ -163,6 +189,19 @@ class SimulatedDevice(Device):
                 result.peak_inactive_split = allocator.peak_inactive_split
                 result.largest_alloc = allocator.largest_request
                 result.alloc_retries = allocator.num_alloc_retries - retries
+            deferred, self.tracker.deferred = self.tracker.deferred, None
+            if deferred is not None:
+                raise deferred
+
+    @contextlib.contextmanager
+    def lockstep(self) -> Iterator[None]:
+        # A step that runs out of memory goes on to its end (counting past the capacity) and then
+        # raises: every rank joins every collective of the step, whichever ran out.
+        self.tracker.deferring = True
+        try:
+            yield
+        finally:
+            self.tracker.deferring = False
 
     def _hold_workspaces(self) -> None:
         # CUDA creates them at the first matmul of the first step, then keeps them: inside a

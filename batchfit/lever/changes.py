@@ -117,11 +117,16 @@ def frozen_base(model: nn.Module) -> contextlib.AbstractContextManager[str]:
 
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` whose weights are on the meta device: its structure without its memory."""
+    return structure_copy(model, lambda t: torch.empty_like(t, device="meta"))
+
+
+def structure_copy(model: nn.Module, empty: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    """A copy of `model` with each parameter and buffer replaced by `empty(tensor)` (shared once)."""
     memo: dict[int, Any] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in memo:
-            empty = torch.empty_like(tensor, device="meta")
-            memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+            made = empty(tensor)
+            memo[id(tensor)] = nn.Parameter(made, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else made
     return copy.deepcopy(model, memo)
 
 

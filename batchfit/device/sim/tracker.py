@@ -7,6 +7,7 @@ released through `weakref.finalize`, and the model of CUDA's caching allocator
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchfit.device.sim.allocator import AllocatorOutOfMemory, Block, CachingAllocator
 from batchfit.device.watch import run_tracking_new
+from batchfit.internals import is_dtensor_op, local_shard, resizes_followed
 from batchfit.memory import format_size
 
 
@@ -24,12 +26,19 @@ class MemoryTracker(TorchDispatchMode):
 
     Storages are counted once and freed through `weakref.finalize`; the allocator model
     decides reserved memory and raises a CUDA-worded torch.OutOfMemoryError where a card would.
+    A sharded (DTensor) tensor is one rank's memory: its local shard.
     """
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.allocator = CachingAllocator(capacity)
         self._live: dict[int, Block | None] = {}
+        self._depth = 0
+        self._resizes: contextlib.ExitStack | None = None
+        self.deferring = False
+        """Lockstep trials: an allocation past the capacity is recorded, not raised, so the step (and
+        its collectives) can finish on every rank; `deferred` holds the error until the trial ends."""
+        self.deferred: torch.OutOfMemoryError | None = None
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -53,16 +62,25 @@ class MemoryTracker(TorchDispatchMode):
         try:
             return self.allocator.malloc(nbytes)
         except AllocatorOutOfMemory as error:
-            raise torch.OutOfMemoryError(
+            oom = torch.OutOfMemoryError(
                 # Worded as CUDA's own message, so other tools' OOM checks recognise it too.
                 f"CUDA out of memory. Tried to allocate {format_size(error.size)}. Simulated GPU of "
                 f"{format_size(error.capacity)}: {format_size(error.allocated)} allocated, "
                 f"{format_size(error.reserved)} reserved by the caching allocator"
-            ) from None
+            )
+            if not self.deferring:
+                raise oom from None
+        # Past the capacity in a lockstep trial: go on as if the card were larger, and say so later.
+        self.deferred = self.deferred or oom
+        capacity, self.allocator.capacity = self.allocator.capacity, 2**62
+        try:
+            return self.allocator.malloc(nbytes)
+        finally:
+            self.allocator.capacity = capacity
 
     def track(self, tensor: torch.Tensor) -> None:
         """Count `tensor`'s storage if it is not counted yet."""
-        storage = tensor.untyped_storage()
+        storage = local_shard(tensor).untyped_storage()
         key = id(storage)
         if key in self._live:
             return
@@ -71,7 +89,21 @@ class MemoryTracker(TorchDispatchMode):
         weakref.finalize(storage, self._free, key)
 
     def is_tracked(self, tensor: torch.Tensor) -> bool:
-        return id(tensor.untyped_storage()) in self._live
+        return id(local_shard(tensor).untyped_storage()) in self._live
+
+    def resized(self, storage: torch.UntypedStorage) -> None:
+        """Follow `storage.resize_(n)`: its old block is freed and one of the new size allocated."""
+        key, nbytes = id(storage), storage.nbytes()
+        if key not in self._live:
+            if nbytes:
+                self._live[key] = self._malloc(nbytes)
+                weakref.finalize(storage, self._free, key)
+            return
+        block, self._live[key] = self._live[key], None  # cleared first: an OOM must not free it twice
+        if block is not None:
+            self.allocator.free(block)
+        if nbytes:
+            self._live[key] = self._malloc(nbytes)
 
     def _free(self, key: int) -> None:
         block = self._live.pop(key, None)
@@ -81,7 +113,27 @@ class MemoryTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.allocator.reset_peaks()
 
+    def __enter__(self) -> MemoryTracker:
+        if self._depth == 0:
+            self._resizes = contextlib.ExitStack()
+            self._resizes.enter_context(resizes_followed(self.resized))
+        self._depth += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._resizes is not None:
+                self._resizes.close()
+                self._resizes = None
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # A mode sees an op before its tensor subclasses do. Declining DTensor's ops lets DTensor
+        # run them as ops on local shards, which come back here and are counted at shard size.
+        if is_dtensor_op(types):
+            return NotImplemented
         return run_tracking_new(func, args, kwargs, self.track)
 
 

@@ -1,0 +1,138 @@
+"""Every private torch internal that sharded training (FSDP2) needs, named here and nowhere else.
+
+Each one is used through a function of this module, and `check()` fails loudly, naming the
+internal, when a torch release moves or renames it (tests/test_internals.py runs it on every
+torch version CI installs). Public API (fully_shard, FSDPModule.reset_iter_state, DTensor,
+init_device_mesh, the "fake" process-group backend) is used directly elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _dtensor_class() -> type | None:
+    """DTensor, if torch.distributed.tensor is loaded: no DTensor can exist before it is."""
+    module = sys.modules.get("torch.distributed.tensor._api")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def is_dtensor_op(types: Any) -> bool:
+    """Whether a dispatch involves a DTensor (a dispatch mode sees it before the subclass does)."""
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(issubclass(t, dtensor) for t in types)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage is this rank's memory: a DTensor's local shard, else `tensor`.
+
+    `DTensor.untyped_storage()` reports the global tensor's size. Internal: `DTensor._local_tensor`
+    (not `to_local()`, which adds an autograd node).
+    """
+    dtensor = _dtensor_class()
+    while dtensor is not None and isinstance(tensor, dtensor):
+        tensor = tensor._local_tensor  # type: ignore[attr-defined]
+    return tensor
+
+
+@contextlib.contextmanager
+def resizes_followed(on_resize: Callable[[torch.UntypedStorage], None]) -> Iterator[None]:
+    """Call `on_resize(storage)` after every `UntypedStorage.resize_` while inside.
+
+    FSDP2 frees an unsharded parameter with `storage.resize_(0)` and brings it back with
+    `resize_(n)` (`_fsdp_param.free_storage` / `alloc_storage`); no operator reaches a dispatch
+    mode. torch's own MemTracker patches the same method (`mem_tracker._track_resize`).
+    Process-wide while inside: batchfit runs its trials on one thread.
+    """
+    original = torch.UntypedStorage.resize_
+
+    @functools.wraps(original)
+    def resize_(storage: torch.UntypedStorage, size: int) -> Any:
+        out = original(storage, size)
+        on_resize(storage)
+        return out
+
+    torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = original  # type: ignore[method-assign]
+
+
+def fake_store() -> Any:
+    """The store of torch's fake process group: one process stands for one rank of any world size."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules `fully_shard` (FSDP2) was applied to, outermost first."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not loaded: nothing can be sharded
+    if fsdp is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]
+
+
+def reset_after_failure(model: nn.Module) -> None:
+    """Make an FSDP2 model ready for its next step after an exception inside a step.
+
+    `reset_iter_state()` (public) reshards and clears the per-iteration state, but not the
+    gradient autograd already accumulated into an unsharded parameter whose group's
+    post-backward never ran: the next steps then trained on it (weights off by up to 0.03 on a
+    3-block MLP). Internals: `FSDPModule._get_fsdp_state()`, `FSDPState._fsdp_param_groups`,
+    `FSDPParamGroup.fsdp_params`, `FSDPParam._unsharded_param`, `.unsharded_accumulated_grad`.
+    """
+    modules = fsdp_modules(model)
+    for module in modules:
+        module.reset_iter_state()  # type: ignore[operator]
+    for module in modules:
+        for group in module._get_fsdp_state()._fsdp_param_groups:  # type: ignore[operator]
+            for fsdp_param in group.fsdp_params:
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    unsharded.grad = None
+                fsdp_param.unsharded_accumulated_grad = None
+    for param in model.parameters():
+        param.grad = None
+
+
+def check() -> None:
+    """Fail, naming the internal, if this torch no longer has what the functions above use."""
+    import inspect
+
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    from torch.distributed.tensor import DTensor
+
+    checks = {
+        "DTensor._local_tensor": "_local_tensor" in DTensor.__tensor_flatten__.__code__.co_consts,
+        "torch.distributed.tensor._api.DTensor": sys.modules["torch.distributed.tensor._api"].DTensor is DTensor,
+        "_fsdp_param.free_storage uses UntypedStorage.resize_(0)": "resize_(0)"
+        in inspect.getsource(_fsdp_param.free_storage),
+        "_fsdp_param.alloc_storage uses UntypedStorage.resize_": "resize_("
+        in inspect.getsource(_fsdp_param.alloc_storage),
+        "FSDPModule._get_fsdp_state": callable(getattr(FSDPModule, "_get_fsdp_state", None)),
+        "FSDPModule.reset_iter_state": callable(getattr(FSDPModule, "reset_iter_state", None)),
+        "FSDPState._fsdp_param_groups": "_fsdp_param_groups" in FSDPState.__init__.__code__.co_names,
+        "FSDPParamGroup.fsdp_params": "fsdp_params" in FSDPParamGroup.__init__.__code__.co_names,
+        "FSDPParam._unsharded_param, .unsharded_accumulated_grad": {
+            "_unsharded_param",
+            "unsharded_accumulated_grad",
+        }
+        <= set(_fsdp_param.FSDPParam.to_accumulated_grad_if_needed.__code__.co_names),
+        "torch.testing._internal.distributed.fake_pg.FakeStore": callable(fake_store),
+    }
+    fake_store()
+    missing = [name for name, ok in checks.items() if not ok]
+    if missing:
+        raise RuntimeError(f"torch {torch.__version__} changed internals batchfit relies on: {', '.join(missing)}")

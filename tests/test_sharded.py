@@ -1,0 +1,134 @@
+"""Sharded training (FSDP2): the offline per-rank estimate against torch's own FSDPMemTracker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.conftest import WORKSPACES, needs_hf
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+    needs_hf,
+]
+
+SEQ = 128
+
+
+def tiny_gpt2():
+    import transformers as hf
+
+    model = hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=SEQ))
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def text_sample() -> dict[str, torch.Tensor]:
+    ids = torch.arange(SEQ) % 1000
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+
+def bf16_policy():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def memtracker_peak(world: int, policy, batch: int) -> int:
+    """Peak bytes one rank holds by torch's FSDPMemTracker, two steps of the same training, fake group."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from batchfit.device.sim.tracker import CudaKernelRouting
+    from batchfit.internals import fake_store
+    from batchfit.sharded import default_shard
+
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        with FakeTensorMode():
+            model = tiny_gpt2()
+            default_shard(model, mesh, policy)
+            optimizer = adamw(list(model.parameters()))
+            tracker = FSDPMemTracker(model, optimizer)
+            with tracker, CudaKernelRouting():
+                data = {k: v.unsqueeze(0).expand(batch, *v.shape).contiguous() for k, v in text_sample().items()}
+                for _ in range(2):
+                    tracker.reset_mod_stats()  # per-module statistics only; the peak stays
+                    model(**data).loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 8])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_per_rank_peak_agrees_with_torchs_fsdp_mem_tracker(world, precision):
+    from batchfit.sharded import estimate_sharded
+
+    policy = bf16_policy() if precision == "bf16" else None
+    estimate = estimate_sharded(
+        tiny_gpt2, text_sample(), [world], mp_policy=policy, optimizer=adamw, memory="4GiB", max_batch_size=4
+    )
+    trials = {t.batch_size: t for t in estimate.results[world].trials}
+    for batch in (2, 4):
+        ours = trials[batch].peak_allocated - WORKSPACES  # the card's cuBLAS workspaces: no tensor of the model
+        theirs = memtracker_peak(world, policy, batch)
+        assert ours == pytest.approx(theirs, rel=0.02), (batch, ours, theirs)
+
+
+def test_sharding_over_more_ranks_holds_less_per_rank_and_plans_the_global_batch():
+    from batchfit.sharded import estimate_sharded
+
+    estimate = estimate_sharded(
+        tiny_gpt2,
+        text_sample(),
+        [2, 8],
+        optimizer=adamw,
+        memory="1GiB",
+        base_lr=1e-3,
+        base_batch_size=8,
+        lr_rule="sqrt",
+    )
+    two, eight = estimate.results[2], estimate.results[8]
+    assert eight.fixed_allocated_bytes < two.fixed_allocated_bytes
+    assert eight.recommended_batch_size >= two.recommended_batch_size
+    for world, result in estimate.results.items():
+        assert result.world_size == world
+        assert result.global_batch_size == result.recommended_batch_size * world
+        assert result.learning_rate == pytest.approx(
+            1e-3 * (result.global_batch_size / 8) ** 0.5
+        )  # on the global batch
+    assert not dist.is_initialized()  # the fake group is closed after each world size
+    text = str(estimate)
+    assert "world" in text and "per-GPU batch" in text
+
+
+def test_the_users_model_is_not_touched_and_bad_input_is_one_line():
+    from batchfit.sharded import estimate_sharded
+
+    model = tiny_gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    estimate_sharded(model, text_sample(), [2], optimizer=adamw, memory="1GiB", max_batch_size=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())
+    with pytest.raises(ValueError, match="plans for a card"):
+        estimate_sharded(model, text_sample(), [2])
+    with pytest.raises(ValueError, match="world size"):
+        estimate_sharded(model, text_sample(), [0], memory="1GiB")
+    with pytest.raises(ValueError, match="compile"):
+        estimate_sharded(model, text_sample(), [2], memory="1GiB", compile=True)
+
+
+def test_private_torch_internals_are_all_there():
+    from batchfit import internals
+
+    internals.check()
