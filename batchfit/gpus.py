@@ -27,6 +27,9 @@ class Gpu:
     total_bytes: int
     note: str = ""
     workspaces: tuple[int, ...] = OTHER_WORKSPACES
+    # CUDA compute capability (NVIDIA's table, developer.nvidia.com/cuda-gpus): which SDPA
+    # kernels the card has. None for AMD cards.
+    capability: tuple[int, int] | None = None
 
     @property
     def bf16(self) -> bool:
@@ -42,19 +45,19 @@ class Gpu:
 GPUS: dict[str, Gpu] = {
     g.name.lower(): g
     for g in [
-        Gpu("T4", 15360 * MIB, "Turing, 16 GB GDDR6"),
-        Gpu("V100-16GB", 16384 * MIB, "Volta, HBM2"),
-        Gpu("V100-32GB", 32768 * MIB, "Volta, HBM2"),
-        Gpu("A10G", 23028 * MIB, "Ampere, AWS g5"),
-        Gpu("L4", 23034 * MIB, "Ada, 24 GB GDDR6"),
-        Gpu("RTX3090", 24576 * MIB, "Ampere, 24 GB GDDR6X"),
-        Gpu("RTX4090", 24564 * MIB, "Ada, 24 GB GDDR6X"),
-        Gpu("L40S", 46068 * MIB, "Ada, 48 GB GDDR6"),
-        Gpu("A100-40GB", 40960 * MIB, "Ampere, HBM2"),
-        Gpu("A100-80GB", 81920 * MIB, "Ampere, HBM2e"),
-        Gpu("H100-80GB", 81559 * MIB, "Hopper, HBM3", HOPPER_WORKSPACES),
-        Gpu("H200", 143771 * MIB, "Hopper, 141 GB HBM3e", HOPPER_WORKSPACES),
-        Gpu("B200", 183359 * MIB, "Blackwell, 180 GB HBM3e", HOPPER_WORKSPACES),
+        Gpu("T4", 15360 * MIB, "Turing, 16 GB GDDR6", capability=(7, 5)),
+        Gpu("V100-16GB", 16384 * MIB, "Volta, HBM2", capability=(7, 0)),
+        Gpu("V100-32GB", 32768 * MIB, "Volta, HBM2", capability=(7, 0)),
+        Gpu("A10G", 23028 * MIB, "Ampere, AWS g5", capability=(8, 6)),
+        Gpu("L4", 23034 * MIB, "Ada, 24 GB GDDR6", capability=(8, 9)),
+        Gpu("RTX3090", 24576 * MIB, "Ampere, 24 GB GDDR6X", capability=(8, 6)),
+        Gpu("RTX4090", 24564 * MIB, "Ada, 24 GB GDDR6X", capability=(8, 9)),
+        Gpu("L40S", 46068 * MIB, "Ada, 48 GB GDDR6", capability=(8, 9)),
+        Gpu("A100-40GB", 40960 * MIB, "Ampere, HBM2", capability=(8, 0)),
+        Gpu("A100-80GB", 81920 * MIB, "Ampere, HBM2e", capability=(8, 0)),
+        Gpu("H100-80GB", 81559 * MIB, "Hopper, HBM3", HOPPER_WORKSPACES, capability=(9, 0)),
+        Gpu("H200", 143771 * MIB, "Hopper, 141 GB HBM3e", HOPPER_WORKSPACES, capability=(9, 0)),
+        Gpu("B200", 183359 * MIB, "Blackwell, 180 GB HBM3e", HOPPER_WORKSPACES, capability=(10, 0)),
         Gpu("MI300X", 196592 * MIB, "AMD CDNA3, 192 GB HBM3 (ROCm)"),
     ]
 }

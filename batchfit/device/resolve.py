@@ -58,6 +58,7 @@ def resolve_device(device: Device | str | None, config: ProbeConfig) -> Device:
         # Without a card named, Hopper's workspaces: the largest default, so never optimistic.
         workspaces=card.workspaces if card else HOPPER_WORKSPACES,
         context_bytes=CUDA_CONTEXT_BYTES if card else None,
+        capability=card.capability if card else None,
     )
 
 

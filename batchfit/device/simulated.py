@@ -14,7 +14,9 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from batchfit.device.base import Device, Measurement, named_tensors
+from batchfit.device.sim.attention import CudaBuild
 from batchfit.device.sim.autocast import CudaAutocastPolicy
+from batchfit.device.sim.sdpa import AttentionRouter
 from batchfit.device.sim.tracker import CudaKernelRouting, MemoryTracker
 from batchfit.gpus import HOPPER_WORKSPACES
 from batchfit.internals import local_shard
@@ -43,6 +45,7 @@ class SimulatedDevice(Device):
         workspaces: tuple[int, ...] = HOPPER_WORKSPACES,
         context_bytes: int | None = None,
         caveat: str | None = None,
+        capability: tuple[int, int] | None = None,
     ) -> None:
         if compute not in ("fake", "real"):
             raise ValueError(f"compute={compute!r} is not one of 'fake', 'real'")
@@ -57,6 +60,9 @@ class SimulatedDevice(Device):
         self._fake_mode: Any = None
         self._mode: Any = None
         self._policy = CudaAutocastPolicy()
+        # Attention runs on the SDPA backend CUDA would pick on this card (a Hopper's when unnamed).
+        self.capability = capability
+        self.attention = AttentionRouter(CudaBuild.installed(capability))
         label = name or format_size(capacity)
         kind = "estimate, no real compute" if compute == "fake" else "real CPU compute"
         self.description = f"simulated {label} GPU ({kind})"
@@ -73,7 +79,13 @@ class SimulatedDevice(Device):
                 "lives outside the caching allocator (measured on Hopper cards, CUDA 12)"
             )
         self.caveat = caveat
-        self.notes = (*([caveat] if caveat else []), *extra)
+        self._notes = (*([caveat] if caveat else []), *extra)
+
+    @property
+    def notes(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The fixed notes, then which attention backends the trials assumed."""
+        attention = self.attention.summary()
+        return (*self._notes, *([attention] if attention else []))
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -176,12 +188,14 @@ class SimulatedDevice(Device):
             if self._fake_mode is not None:
                 stack.enter_context(self._fake_mode)
             stack.enter_context(self.tracker)
-            stack.enter_context(CudaKernelRouting())
+            self.attention.start()
+            stack.enter_context(CudaKernelRouting(self.attention))
             retries = self.tracker.allocator.num_alloc_retries
             self.tracker.deferred = None
             try:
                 self._hold_workspaces()
                 yield result
+                self.attention.finish(len(result.step_seconds))
             finally:
                 allocator = self.tracker.allocator
                 result.peak_allocated = allocator.peak_allocated

@@ -275,7 +275,8 @@ def _cards(device: Device | str | None, config: ProbeConfig) -> Callable[[], Sim
     resolved = device if isinstance(device, Device) else resolve_device(device, config)
     if isinstance(resolved, SimulatedDevice):
         capacity, workspaces, caveat = resolved.capacity, resolved.workspaces, resolved.caveat
-        return lambda: SimulatedDevice(capacity, workspaces=workspaces, caveat=caveat)
+        capability = resolved.capability
+        return lambda: SimulatedDevice(capacity, workspaces=workspaces, caveat=caveat, capability=capability)
     capacity, name = resolved.capacity, resolved.description.split(" (")[0]
     return lambda: SimulatedDevice(capacity, name=name)
 

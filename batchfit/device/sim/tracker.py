@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -152,16 +153,21 @@ def _fused_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, i
 class CudaKernelRouting(TorchFunctionMode):
     """Route dropout and attention to the kernels whose memory CUDA would show.
 
-    CUDA's flash and memory-efficient SDPA kernels keep O(T) state with or without
-    dropout (a Philox seed, not a mask). CPU flash refuses dropout, and the math
-    fallback keeps O(T²) attention weights, so attention dropout is dropped here:
-    memory as on CUDA, at the cost of dropout inside attention in simulated runs.
+    With `attention` (sdpa.AttentionRouter), each SDPA call runs on the backend CUDA would
+    pick and keeps what that backend keeps. Without it, attention dropout is dropped: CPU
+    flash refuses dropout, and CUDA's fused kernels keep a Philox seed, not a mask.
     """
+
+    def __init__(self, attention: Callable[..., torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.attention = attention
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.nn.functional.dropout:
             return _fused_dropout(*args, **kwargs)
+        if func is torch.nn.functional.scaled_dot_product_attention and self.attention is not None:
+            return self.attention(*args, **kwargs)
         if func is torch.nn.functional.scaled_dot_product_attention:
             if len(args) > 4:
                 args = (*args[:4], 0.0, *args[5:])
