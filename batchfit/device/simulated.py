@@ -85,6 +85,8 @@ class SimulatedDevice(Device):
     def notes(self) -> tuple[str, ...]:  # type: ignore[override]
         """The fixed notes, then which attention backends the trials assumed."""
         attention = self.attention.summary()
+        if attention and self.capability is None:
+            attention += " (no card named: a Hopper's)"
         return (*self._notes, *([attention] if attention else []))
 
     @contextlib.contextmanager

@@ -45,11 +45,7 @@ class AttentionRouter:
             return None
         calls = ", ".join(f"{n} calls {name}" if n > 1 else f"1 call {name}" for name, n in self.step.most_common())
         major, minor = self.build.capability
-        cudnn = f"cuDNN {self.build.cudnn}" if self.build.cudnn else "no cuDNN"
-        return (
-            f"attention: {calls} a step, as CUDA would pick them (torch {torch.__version__.split('+')[0]}'s "
-            f"SDPA rules, sm {major}.{minor}, {cudnn})"
-        )
+        return f"attention: {calls} a step, the SDPA backends CUDA picks on sm {major}.{minor} by this torch's rules"
 
     def __call__(
         self,
