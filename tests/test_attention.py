@@ -240,3 +240,25 @@ def test_estimate_notes_say_which_backends_were_assumed() -> None:
     note = next(n for n in result.notes if n.startswith("attention:"))
     assert note.startswith("attention: 12 calls memory-efficient a step")
     assert "sm 8.6" in note
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(64, 192)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 4, 16).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
+
+
+def test_a_compiled_step_keeps_torchs_choice_without_graph_breaks() -> None:
+    """Dynamo traces the routing mode; the router stays out of the graph (no break per call)."""
+    import batchfit
+
+    kwargs = {"loss_fn": lambda out, batch: out, "gpu": "A100-80GB", "device": "simulated", "max_batch_size": 4}
+    result = batchfit.find_batch_size(_Attention(), torch.randn(128, 64), compile=True, **kwargs)
+    assert result.compiled is not None and result.compiled["graph_breaks"] == 0
+    assert not any(n.startswith("attention:") for n in result.notes)
+    eager = batchfit.find_batch_size(_Attention(), torch.randn(128, 64), **kwargs)
+    assert "attention: 1 call memory-efficient a step" in "\n".join(eager.notes)

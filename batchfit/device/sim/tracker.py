@@ -166,9 +166,11 @@ class CudaKernelRouting(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.nn.functional.dropout:
             return _fused_dropout(*args, **kwargs)
-        if func is torch.nn.functional.scaled_dot_product_attention and self.attention is not None:
+        sdpa = func is torch.nn.functional.scaled_dot_product_attention
+        # Dynamo traces this mode: a compiled step keeps torch's own choice (and no graph break).
+        if sdpa and self.attention is not None and not torch.compiler.is_compiling():
             return self.attention(*args, **kwargs)
-        if func is torch.nn.functional.scaled_dot_product_attention:
+        if sdpa:
             if len(args) > 4:
                 args = (*args[:4], 0.0, *args[5:])
             else:
