@@ -14,6 +14,7 @@ run can be added there.
 
     python scripts/gpu_check.py --budget-s 420 --out $OUT
     python scripts/gpu_check.py --smoke --out /tmp/gc   # the same script on CPU, small models
+    python scripts/gpu_check.py --attention --budget-s 420 --out $OUT   # SDPA backends per call, memory
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from bench_peers import SUITES, Bench, Case
 import batchfit
 from batchfit.device import SimulatedDevice
 from batchfit.limit import before_first_oom
+
+
+def _capability() -> tuple[int, int] | None:
+    """The card's compute capability, for the simulated device's attention rules."""
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
 def lever_check(model: Any, sample: Any, device: Any, common: dict[str, Any], batch: int) -> dict[str, Any]:
@@ -85,7 +91,8 @@ def run_case(
         device=result.device,
     )
     if time.perf_counter() < deadline:
-        estimate = batchfit.find_batch_size(model, sample, device=SimulatedDevice(device.capacity), **common)
+        card = SimulatedDevice(device.capacity, capability=_capability())
+        estimate = batchfit.find_batch_size(model, sample, device=card, **common)
         row.update(est_limit=estimate.predicted_limit, est_alloc_mib=(estimate.per_sample_allocated_bytes or 0) / 2**20)
     if time.perf_counter() < deadline:
         row["steps_ok"], row["steps_peak_frac"] = bench.survive(result.recommended_batch_size, steps)
@@ -116,14 +123,33 @@ def run_case(
     return row
 
 
+def attention_only(deadline: float, smoke: bool, out: Path | None) -> None:
+    """Which SDPA backend each zoo text model's calls take on this card, beside the simulation's."""
+    from attention_check import attention_rows, print_table
+
+    rows = attention_rows(deadline, smoke)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"torch": torch.__version__, "attention": rows}
+        (out / "attention_check.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"\ntorch {torch.__version__}")
+    print_table(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=480, help="start no new phase after this")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--smoke", action="store_true", help="CPU run with small models (checks the script)")
     parser.add_argument("--out", default=None, help="folder for gpu_check.json and the traces")
+    parser.add_argument(
+        "--attention", action="store_true", help="only the SDPA check: backends per call and memory (zoo text models)"
+    )
     args = parser.parse_args()
     deadline = time.perf_counter() + args.budget_s
+    if args.attention:
+        attention_only(deadline, args.smoke, Path(args.out) if args.out else None)
+        return
     suite = "smoke" if args.smoke else "gpu"
     order = ("ResNet", "GPT", "ViT", "BERT")  # calibrated models first, then two new ones
     cases = (
