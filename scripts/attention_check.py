@@ -21,7 +21,8 @@ from torch.overrides import TorchFunctionMode
 
 import batchfit
 from batchfit.device import SimulatedDevice
-from batchfit.device.sim.attention import Call, CudaBuild, choose
+from batchfit.device.sim.attention import CudaBuild, choose
+from batchfit.device.sim.sdpa import as_call
 from batchfit.models import build
 
 # name, sequence length, precision: T5 in fp32 is the case the issue is about (a learned bias).
@@ -47,34 +48,13 @@ class Recorder(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            self.calls.append(self.classify(*args, **kwargs))
+            call, scale, _ = as_call(args[0].device.type, *args, **kwargs)
+            q, k, v = call.qkv
+            real = torch._fused_sdp_choice(
+                q, k, v, call.mask, call.dropout, call.causal, scale=scale, enable_gqa=call.gqa
+            )
+            self.calls.append((_NAMES.get(real, str(real)), choose(call, self.build)))
         return func(*args, **kwargs)
-
-    def classify(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        scale: float | None = None,
-        enable_gqa: bool = False,
-    ) -> tuple[str, str]:
-        kind = query.device.type
-        if torch.is_autocast_enabled(kind):  # SDPA's autocast policy: lower_precision_fp
-            low = torch.get_autocast_dtype(kind)
-
-            def cast(t: Any) -> Any:
-                floating = t is not None and t.is_floating_point() and t.dtype not in (low, torch.float64)
-                return t.to(low) if floating else t
-
-            query, key, value, attn_mask = (cast(t) for t in (query, key, value, attn_mask))
-        real = torch._fused_sdp_choice(
-            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-        )
-        simulated = choose(Call(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa), self.build)
-        return _NAMES.get(real, str(real)), simulated
 
 
 def _step_backends(name: str, seq: int, precision: str | None, device: torch.device, rules: CudaBuild) -> Recorder:

@@ -262,3 +262,18 @@ def test_a_compiled_step_keeps_torchs_choice_without_graph_breaks() -> None:
     assert not any(n.startswith("attention:") for n in result.notes)
     eager = batchfit.find_batch_size(_Attention(), torch.randn(128, 64), **kwargs)
     assert "attention: 1 call memory-efficient a step" in "\n".join(eager.notes)
+
+
+def test_gpu_checks_recorder_sets_torchs_choice_beside_the_rules() -> None:
+    """scripts/attention_check.py, on CPU: torch's choice here is CPU's (flash for a plain call)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from attention_check import Recorder
+
+    recorder = Recorder(H100)
+    q, k, v = real_qkv()
+    with recorder, torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+    assert recorder.calls == [("flash", CUDNN), ("math", FLASH)]  # bf16 by autocast; CPU flash takes no dropout

@@ -86,7 +86,7 @@ class SimulatedDevice(Device):
         """The fixed notes, then which attention backends the trials assumed."""
         attention = self.attention.summary()
         if attention and self.capability is None:
-            attention += " (no card named: a Hopper's)"
+            attention += " (the card's compute capability unknown: a Hopper's)"
         return (*self._notes, *([attention] if attention else []))
 
     @contextlib.contextmanager

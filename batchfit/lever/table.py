@@ -278,7 +278,10 @@ def _cards(device: Device | str | None, config: ProbeConfig) -> Callable[[], Sim
         capability = resolved.capability
         return lambda: SimulatedDevice(capacity, workspaces=workspaces, caveat=caveat, capability=capability)
     capacity, name = resolved.capacity, resolved.description.split(" (")[0]
-    return lambda: SimulatedDevice(capacity, name=name)
+    # A CUDA GPU's compute capability, for its attention kernels' rules.
+    cuda = resolved.torch_device.type == "cuda"
+    capability = torch.cuda.get_device_capability(resolved.torch_device) if cuda else None
+    return lambda: SimulatedDevice(capacity, name=name, capability=capability)
 
 
 def _same_optimizer(factory: Any, optimizer: Any) -> bool:

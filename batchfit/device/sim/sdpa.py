@@ -47,26 +47,10 @@ class AttentionRouter:
         major, minor = self.build.capability
         return f"attention: {calls} a step, the SDPA backends CUDA picks on sm {major}.{minor} by this torch's rules"
 
-    def __call__(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        scale: float | None = None,
-        enable_gqa: bool = False,
-    ) -> torch.Tensor:
-        if any(t.is_nested for t in (query, key, value)):  # nested inputs: left to torch
-            return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
-        query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
-        unbatched = query.dim() == key.dim() == value.dim() == 3  # normalize_unbatched_input
-        if unbatched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            while attn_mask is not None and attn_mask.dim() < 4:
-                attn_mask = attn_mask.unsqueeze(0)
-        call = Call(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if any(t.is_nested for t in args[:3] if isinstance(t, torch.Tensor)):  # nested inputs: left to torch
+            return F.scaled_dot_product_attention(*args, **kwargs)
+        call, scale, unbatched = as_call("cpu", *args, **kwargs)
         backend = choose(call, self.build)
         self.counts[backend] += 1
         with torch.autocast("cpu", enabled=False):  # CUDA's autocast kernel runs the op below it
@@ -74,15 +58,35 @@ class AttentionRouter:
         return out.squeeze(0) if unbatched else out
 
 
-def _autocast(*tensors: torch.Tensor | None) -> tuple[Any, ...]:
-    """CUDA autocast's policy for SDPA, lower_precision_fp: every floating input but fp64 cast down."""
-    if not torch.is_autocast_enabled("cpu"):
-        return tensors
-    low = torch.get_autocast_dtype("cpu")
-    return tuple(
-        t.to(low) if t is not None and t.is_floating_point() and t.dtype not in (low, torch.float64) else t
-        for t in tensors
-    )
+def as_call(
+    autocast_device: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[Call, float | None, bool]:
+    """SDPA's arguments as its backends see them, the scale, and whether the call was unbatched.
+
+    Autocast's cast first (CUDA's policy for SDPA is lower_precision_fp: every floating input
+    but fp64 cast down), then normalize_unbatched_input gives 3-d inputs a batch dimension.
+    """
+    if torch.is_autocast_enabled(autocast_device):
+        low = torch.get_autocast_dtype(autocast_device)
+
+        def cast(t: Any) -> Any:
+            return t.to(low) if t is not None and t.is_floating_point() and t.dtype not in (low, torch.float64) else t
+
+        query, key, value, attn_mask = cast(query), cast(key), cast(value), cast(attn_mask)
+    unbatched = query.dim() == key.dim() == value.dim() == 3
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        while attn_mask is not None and attn_mask.dim() < 4:
+            attn_mask = attn_mask.unsqueeze(0)
+    return Call(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa), scale, unbatched
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
