@@ -12,12 +12,16 @@ import atexit
 import datetime
 import logging
 import os
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from batchfit.device import cuda_available, cuda_count, select_cuda
+
+if TYPE_CHECKING:
+    from batchfit.result import Trial
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +127,70 @@ def agree(group: Any, report: RankReport) -> list[RankReport]:
             frozenset(r.error_kind or "other" for r in failed),
         )
     return reports
+
+
+def lockstep(group: Any, run: Callable[[int], Trial], timeout_s: float) -> Callable[[int], Trial]:
+    """`run(B)` on every rank at once, for a sharded model whose collectives pair up across ranks.
+
+    After each trial the ranks exchange what they measured: the trial fits only where it fits on
+    every rank, with the largest peak, and any error raises on every rank. Every rank then holds
+    the same trials and the pure search picks the same next size everywhere.
+    """
+
+    def together(batch_size: int) -> Trial:
+        me = dist.get_rank(group)
+        failure: Exception | None = None
+        try:
+            local: Trial | None = run(batch_size)
+            report: tuple[int, Trial | None, str | None, str | None] = (me, local, None, None)
+        except Exception as error:  # every rank must join the exchange, failed or not
+            failure, local = error, None
+            report = (me, None, f"{type(error).__name__}: {error}", failure_kind(error))
+        reports: list[Any] = [None] * dist.get_world_size(group)
+        try:
+            dist.all_gather_object(reports, report, group=group)
+        except RuntimeError as error:
+            raise DistributedProbeError(
+                f"rank {me}: the ranks did not all finish the trial at batch_size={batch_size} within "
+                f"{timeout_s:g} s ({type(error).__name__}); a rank crashed or hung"
+            ) from failure or error
+        failed = [r for r in reports if r[2]]
+        if failed:
+            ran_out = [r[0] for r in reports if r[1] is not None and not r[1].ok]
+            why = f" (rank {', '.join(map(str, ran_out))} ran out of memory and left the step)" if ran_out else ""
+            detail = "; ".join(f"rank {r[0]}: {r[2]}" for r in failed)
+            # The ranks left waiting by one that ran out of memory fail by timeout: not a model bug.
+            kinds = frozenset({"other"}) if ran_out else frozenset(r[3] or "other" for r in failed)
+            raise DistributedProbeError(
+                f"the trial at batch_size={batch_size} failed on {len(failed)} of {len(reports)} ranks{why}: {detail}",
+                kinds,
+            ) from failure
+        trials = [r[1] for r in reports]
+        if not all(t.ok for t in trials):
+            return next(t for t in trials if not t.ok)
+        worst = max(trials, key=lambda t: t.peak_reserved)
+        return replace(
+            worst,
+            peak_allocated=max(t.peak_allocated for t in trials),
+            largest_alloc=max(t.largest_alloc for t in trials),
+            seconds_per_step=max((t.seconds_per_step for t in trials if t.seconds_per_step), default=None),
+        )
+
+    return together
+
+
+def smallest_capacity(group: Any, capacity: int) -> int:
+    """The smallest of the ranks' capacities (every rank learns it)."""
+    capacities: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(capacities, capacity, group=group)
+    return min(capacities)
+
+
+def close(group: Any) -> None:
+    """Destroy a group batchfit made (never the user's default group)."""
+    dist.destroy_process_group(group)
+
+
+def probe_group(timeout_s: float) -> Any:
+    """A group over every rank for a sharded model's collectives during trials, with its own timeout."""
+    return dist.new_group(backend=dist.get_backend(), timeout=datetime.timedelta(seconds=timeout_s))

@@ -88,11 +88,13 @@ def reset_after_failure(model: nn.Module) -> None:
     gradient autograd already accumulated into an unsharded parameter whose group's
     post-backward never ran: the next steps then trained on it (weights off by up to 0.03 on a
     3-block MLP). Internals: `FSDPModule._get_fsdp_state()`, `FSDPState._fsdp_param_groups`,
-    `FSDPParamGroup.fsdp_params`, `FSDPParam._unsharded_param`, `.unsharded_accumulated_grad`.
+    `FSDPState._is_root`, `FSDPParamGroup.fsdp_params`, `FSDPParam._unsharded_param`,
+    `.unsharded_accumulated_grad`.
     """
     modules = fsdp_modules(model)
     for module in modules:
-        module.reset_iter_state()  # type: ignore[operator]
+        if module._get_fsdp_state()._is_root:  # type: ignore[operator]  # torch refuses it elsewhere
+            module.reset_iter_state()  # type: ignore[operator]
     for module in modules:
         for group in module._get_fsdp_state()._fsdp_param_groups:  # type: ignore[operator]
             for fsdp_param in group.fsdp_params:
@@ -102,6 +104,31 @@ def reset_after_failure(model: nn.Module) -> None:
                 fsdp_param.unsharded_accumulated_grad = None
     for param in model.parameters():
         param.grad = None
+
+
+@contextlib.contextmanager
+def collectives_on(model: nn.Module, group: Any) -> Iterator[None]:
+    """FSDP2's all-gathers and reduce-scatters of `model` run on `group` while inside.
+
+    A probe-owned group with its own timeout: when one rank leaves a step (a real out-of-memory
+    error), the others wait in a collective of this group, not of the user's, and are freed by
+    its timeout while the user's group stays usable. Internals: `FSDPParamGroup.mesh_info`,
+    `.post_forward_mesh_info`, `FSDPMeshInfo.shard_process_group`.
+    """
+    infos: dict[int, Any] = {}
+    for module in fsdp_modules(model):
+        for param_group in module._get_fsdp_state()._fsdp_param_groups:  # type: ignore[operator]
+            for info in (param_group.mesh_info, param_group.post_forward_mesh_info):
+                if info is not None:
+                    infos.setdefault(id(info), info)
+    saved = {key: info.shard_process_group for key, info in infos.items()}
+    for info in infos.values():
+        info.shard_process_group = group
+    try:
+        yield
+    finally:
+        for key, info in infos.items():
+            info.shard_process_group = saved[key]
 
 
 def check() -> None:
@@ -124,6 +151,7 @@ def check() -> None:
         "FSDPModule._get_fsdp_state": callable(getattr(FSDPModule, "_get_fsdp_state", None)),
         "FSDPModule.reset_iter_state": callable(getattr(FSDPModule, "reset_iter_state", None)),
         "FSDPState._fsdp_param_groups": "_fsdp_param_groups" in FSDPState.__init__.__code__.co_names,
+        "FSDPState._is_root": "_is_root" in FSDPState.__init__.__code__.co_names,
         "FSDPParamGroup.fsdp_params": "fsdp_params" in FSDPParamGroup.__init__.__code__.co_names,
         "FSDPParam._unsharded_param, .unsharded_accumulated_grad": {
             "_unsharded_param",
@@ -131,6 +159,10 @@ def check() -> None:
         }
         <= set(_fsdp_param.FSDPParam.to_accumulated_grad_if_needed.__code__.co_names),
         "torch.testing._internal.distributed.fake_pg.FakeStore": callable(fake_store),
+        "FSDPParamGroup.mesh_info, .post_forward_mesh_info": {"mesh_info", "post_forward_mesh_info"}
+        <= set(FSDPParamGroup.__init__.__code__.co_names),
+        "FSDPParamGroup collectives on FSDPMeshInfo.shard_process_group": "shard_process_group"
+        in inspect.getsource(FSDPParamGroup),
     }
     fake_store()
     missing = [name for name, ok in checks.items() if not ok]

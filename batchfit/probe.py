@@ -6,9 +6,10 @@ pipelines. Both leave the user's model exactly as they found it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -18,12 +19,14 @@ from batchfit import distributed
 from batchfit.answer import build_result, finish, with_evaluation
 from batchfit.config import ProbeConfig, check_positive_int
 from batchfit.device import Device, resolve_device, timer
+from batchfit.internals import collectives_on, fsdp_modules
 from batchfit.memory import budget as memory_budget
 from batchfit.memory import format_size
 from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
 from batchfit.samples import choose
 from batchfit.search import search
-from batchfit.session import has_batchnorm, holding
+from batchfit.session import Session, has_batchnorm, holding
+from batchfit.sharded import refuse_unsupported
 from batchfit.trial import (
     loss_for,
 )
@@ -76,23 +79,27 @@ def find_batch_size(
         evaluated = again(config=replace(inference, noise_scale=None, target_global_batch=None))
         result = with_evaluation(trained, evaluated)
     else:
+        sharded = bool(fsdp_modules(model))
+        if sharded:
+            refuse_unsupported(model, config)
         here = functools.partial(
             _probe_here, model, chosen.sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start
         )
-        result = _agreed(here, config, optimizer)
+        result = _agreed(here, config, optimizer, sharded)
     if chosen.note is None:
         return result
     return replace(result, sample_index=chosen.index, notes=[chosen.note, *result.notes])
 
 
-def _agreed(here: Callable[[], Result], config: ProbeConfig, optimizer: Any) -> Result:
-    """This process's probe (`here`), agreed with the other ranks' under torch.distributed."""
+def _agreed(here: Callable[..., Result], config: ProbeConfig, optimizer: Any, sharded: bool = False) -> Result:
+    """This process's probe (`here`), agreed with the other ranks' under torch.distributed; a
+    sharded model's ranks run their trials in lockstep on the agreement group."""
     group = distributed.setup(config.dist_timeout_s)
     if group is None:
         return finish(here(), config, optimizer, [])
     rank = distributed.rank(group)
     try:
-        local = here()
+        local = here(lockstep_group=group if sharded else None)
         report = distributed.RankReport(rank, local.recommended_batch_size, local.device, local.capacity_bytes)
         failure: Exception | None = None
     except Exception as error:  # every rank must join the agreement, failed or not
@@ -103,6 +110,8 @@ def _agreed(here: Callable[[], Result], config: ProbeConfig, optimizer: Any) -> 
     try:
         reports = distributed.agree(group, report)
     except distributed.DistributedProbeError as error:
+        if isinstance(failure, distributed.DistributedProbeError):
+            raise failure from None  # lockstep: every rank already holds the same account of it
         raise error from failure
     return finish(local, config, optimizer, reports)
 
@@ -117,16 +126,21 @@ def _probe_here(
     on_trial: Callable[[Trial], None] | None,
     on_trial_start: Callable[[int], None] | None = None,
     on_start: Callable[[Device], None] | None = None,
+    lockstep_group: Any = None,
 ) -> Result:
     """The probe on this process's device, before any agreement between ranks."""
     dev = resolve_device(device, config)
     if on_start is not None:
         on_start(dev)
     timer_start = timer()
-    with holding(model, sample, dev, optimizer, loss_fn, config, on_trial, on_trial_start) as probe:
+    with (
+        holding(model, sample, dev, optimizer, loss_fn, config, on_trial, on_trial_start) as probe,
+        _in_lockstep(probe, lockstep_group, config) as run,
+    ):
         outcome = search(
-            probe.run,
-            dev.capacity,
+            run,
+            # In lockstep every rank plans with the smallest card, so all take the same next step.
+            distributed.smallest_capacity(lockstep_group, dev.capacity) if lockstep_group else dev.capacity,
             margin=config.margin,
             # Dynamo specialises size 1: a compiled probe starting there would compile a graph for
             # size 1 alone, and every frame would recompile at 2.
@@ -144,6 +158,22 @@ def _probe_here(
             + ("ran out of memory" if not first.ok else f"peaked at {format_size(first.peak_reserved)}")
         )
     return build_result(outcome, dev, config, timer() - timer_start)
+
+
+@contextlib.contextmanager
+def _in_lockstep(probe: Session, group: Any, config: ProbeConfig) -> Iterator[Callable[[int], Trial]]:
+    """The trial runner: the session's own, or (a sharded model under torch.distributed) every rank
+    at once, the model's collectives on a probe-owned group whose timeout bounds the wait when a
+    rank leaves a step."""
+    if group is None:
+        yield probe.run
+        return
+    trials_group = distributed.probe_group(config.dist_timeout_s)
+    try:
+        with probe.device.lockstep(), collectives_on(probe.workload.model, trials_group):
+            yield distributed.lockstep(group, probe.run, config.dist_timeout_s)
+    finally:
+        distributed.close(trials_group)
 
 
 def preflight(

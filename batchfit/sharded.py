@@ -12,6 +12,7 @@ allocations and are counted.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -122,7 +123,7 @@ def estimate_sharded(
         raise ValueError("world_sizes is empty: give the numbers of GPUs to plan for, e.g. (8, 64)")
     for world in world_sizes:
         check_positive_int("world size", world)
-    _refuse_unsupported(config)
+    refuse_unsupported(None, config)
     if not isinstance(model, nn.Module) and not callable(model):
         raise ValueError(f"model must be a torch.nn.Module or a factory, got {type(model).__name__}")
     # The search and its answer are per rank; the global batch and its rate come per world size.
@@ -157,9 +158,24 @@ def estimate_sharded(
     return ShardedEstimate(results, _policy_name(mp_policy), checkpointing)
 
 
-def _refuse_unsupported(config: ProbeConfig) -> None:
+def refuse_unsupported(model: nn.Module | None, config: ProbeConfig) -> None:
+    """One line (ValueError) for the sharded setups batchfit does not handle yet."""
     if config.compile:
-        raise ValueError("compile=True with FSDP2 is not supported yet: estimate without compile")
+        raise ValueError("compile=True with FSDP2 (fully_shard) is not supported yet: probe without compile")
+    if model is None:
+        return
+    fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    if fsdp1 is not None and any(isinstance(m, fsdp1.FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "FullyShardedDataParallel (FSDP1) is not supported: batchfit sizes FSDP2 models "
+            "(torch.distributed.fsdp.fully_shard)"
+        )
+    meshes = {getattr(p, "device_mesh", None) for p in model.parameters()} - {None}
+    if any(mesh.ndim > 1 for mesh in meshes):
+        raise ValueError(
+            "a 2-D device mesh (HSDP, or FSDP with tensor parallelism) is not supported yet: batchfit "
+            "sizes FSDP2 over a 1-D mesh"
+        )
 
 
 def _structure(model: nn.Module | Callable[[], nn.Module]) -> nn.Module:

@@ -24,7 +24,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(worker_args: list[str], world: int, target: int = 0, timeout: float = 120):
+def launch(worker_args: list[str], world: int, target: int = 0, timeout: float = 120, worker: Path = WORKER):
     """Start one process per rank with torchrun's variables; return (exit codes, last lines, seconds)."""
     port = free_port()
     procs = []
@@ -38,10 +38,11 @@ def launch(worker_args: list[str], world: int, target: int = 0, timeout: float =
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "TARGET": str(target),
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]),
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), *worker_args],
+                [sys.executable, str(worker), *worker_args],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -132,3 +134,41 @@ def test_private_torch_internals_are_all_there():
     from batchfit import internals
 
     internals.check()
+
+
+def run_ranks(*args: str, world: int = 2, timeout: float = 240):
+    from tests.test_distributed import launch
+
+    return launch(list(args), world, timeout=timeout, worker=Path(__file__).with_name("fsdp_worker.py"))
+
+
+def test_real_gloo_ranks_agree_with_the_offline_estimate():
+    from batchfit.sharded import estimate_sharded
+
+    codes, outputs, _ = run_ranks("peak")
+    assert codes == [0, 0], outputs
+    estimate = estimate_sharded(
+        tiny_gpt2, text_sample(), [2], optimizer=adamw, memory="4GiB", max_batch_size=2
+    ).results[2]
+    fake = next(t for t in estimate.trials if t.batch_size == 2).peak_allocated - WORKSPACES
+    for out in outputs:
+        assert out["peak_allocated"] == pytest.approx(fake, rel=0.02), (out, fake)
+        assert out["bitwise"] and out["group_works"]
+
+
+def test_ranks_on_unequal_cards_probe_in_lockstep_and_the_model_trains_on_as_before():
+    codes, outputs, _ = run_ranks("lockstep", "400,1500")
+    assert codes == [0, 0], outputs
+    assert outputs[0]["sizes"] == outputs[1]["sizes"]  # the same trials on every rank
+    assert len(outputs[0]["sizes"]) >= 3
+    assert outputs[0]["answer"] == outputs[1]["answer"] >= 1
+    assert all(o["bitwise"] and o["group_works"] for o in outputs)
+
+
+def test_a_real_oom_on_one_rank_ends_every_rank_within_the_timeout():
+    codes, outputs, _ = run_ranks("oom", "4000,4000")
+    assert codes == [0, 0], outputs  # the worker reports the error as JSON
+    assert all(o.get("error") == "DistributedProbeError" for o in outputs), outputs
+    assert all("batch_size=4" in o["message"] for o in outputs), outputs
+    assert all(o["seconds"] < 15 + 30 for o in outputs), outputs  # dist_timeout_s bounds the wait
+    assert all(o["bitwise"] and o["group_works"] for o in outputs), outputs
