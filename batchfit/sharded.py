@@ -99,6 +99,7 @@ def estimate_sharded(
     optimizer: Any = None,
     loss_fn: Callable[[Any, Any], Any] | None = None,
     step: Callable[[nn.Module, Any], Any] | None = None,
+    device: str | None = None,
     config: ProbeConfig | None = None,
     on_start: Callable[[Any], None] | None = None,
     on_trial: Callable[[Any], None] | None = None,
@@ -115,6 +116,8 @@ def estimate_sharded(
     from batchfit.probe import find_batch_size
 
     config = ProbeConfig.from_options(config, options)
+    if device not in (None, "simulated"):
+        raise ValueError(f"device={device!r}: a sharded estimate runs on the simulated card (gpu= or memory=)")
     if config.capacity_bytes is None:
         raise ValueError("a sharded estimate plans for a card: pass gpu='H100-80GB' or memory='80GiB'")
     if config.mode != "train":
@@ -213,6 +216,16 @@ def _fake_world(world: int) -> Iterator[Any]:
         yield init_device_mesh("cpu", (world,))
     finally:
         dist.destroy_process_group()
+
+
+def mixed_precision(param_dtype: str) -> Any:
+    """FSDP's MixedPrecisionPolicy for 'bf16' / 'fp16' (gradients reduced in fp32); None for 'fp32'."""
+    if param_dtype == "fp32":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[param_dtype]
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 def _policy_name(mp_policy: Any) -> str:

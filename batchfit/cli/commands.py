@@ -17,9 +17,9 @@ from typing import Any
 
 import click
 
-from batchfit.cli.options import model_options, output_path
+from batchfit.cli.options import model_options, output_path, world_sizes
 from batchfit.cli.run import EXIT_DOES_NOT_FIT, FAILURES, Run, emit_json, fail
-from batchfit.config import LR_RULES, OBJECTIVES
+from batchfit.config import LR_RULES, OBJECTIVES, PRECISIONS
 
 
 def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -> None:
@@ -108,11 +108,61 @@ def probe(objective: str, list_models: bool, **opts: Any) -> None:
 
 @main.command()
 @model_options
-def estimate(**opts: Any) -> None:
+@click.option(
+    "--fsdp",
+    "world_sizes",
+    callback=world_sizes,
+    metavar="N[,N...]",
+    help="Shard with FSDP2 (fully_shard on each repeated block and the root) over N GPUs: one answer per N.",
+)
+@click.option(
+    "--fsdp-param-dtype",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="FSDP's MixedPrecisionPolicy: the dtype parameters are gathered and computed in (reduce in fp32).",
+)
+def estimate(world_sizes: tuple[int, ...] | None, fsdp_param_dtype: str, **opts: Any) -> None:
     """Estimate offline on a simulated card, never touching a GPU (needs --gpu or --memory)."""
     if not opts["gpu"] and not opts["memory"]:
         raise click.UsageError("estimate needs --gpu NAME or --memory SIZE")
+    if world_sizes:
+        _sharded(opts, world_sizes, fsdp_param_dtype)
+        return
+    if fsdp_param_dtype != "fp32":
+        raise click.UsageError("--fsdp-param-dtype applies with --fsdp N")
     _probe(opts, simulate=True)
+
+
+def _sharded(opts: dict[str, Any], world_sizes: tuple[int, ...], param_dtype: str) -> None:
+    """The per-GPU batch of an FSDP2 run for each world size, estimated in this one process."""
+    from batchfit.sharded import estimate_sharded, mixed_precision
+
+    if opts["plot_path"]:
+        raise click.UsageError("--plot does not apply with --fsdp (one answer per world size)")
+    run = Run(opts, simulate=True, sharded=True)
+    try:
+        estimate = run.call(
+            estimate_sharded,
+            world_sizes,
+            mp_policy=mixed_precision(param_dtype),
+            checkpointing=opts["checkpointing"],
+            on_start=run.on_start,
+            on_trial=run.on_trial,
+        )
+    except FAILURES as error:
+        fail(error, run, opts["json_path"])
+    data = {"model": run.spec.description, **estimate.to_dict()}
+    emit_json(data, opts["json_path"])
+    if opts["json_path"] == "-":
+        return
+    if run.quiet:
+        for world, result in estimate.results.items():
+            click.echo(
+                f"world {world}: per-GPU batch {result.recommended_batch_size}, global {result.global_batch_size}"
+            )
+    else:
+        click.echo(str(estimate))
 
 
 @main.command()

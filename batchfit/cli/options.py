@@ -29,6 +29,19 @@ def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     return shape
 
 
+def world_sizes(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    """'8,64' -> (8, 64): the world sizes of --fsdp."""
+    if value is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a list of GPU counts; use e.g. 8,64") from None
+    if any(n < 1 for n in sizes):
+        raise click.BadParameter(f"{value!r}: GPU counts are positive, e.g. 8,64")
+    return tuple(dict.fromkeys(sizes))
+
+
 def _converting(convert: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
     """A click callback that turns the library's ValueError into a one-line usage error."""
 

@@ -20,7 +20,7 @@ EXIT_INTERRUPTED = 130  # the shell's convention: 128 + SIGINT
 class Run:
     """The pieces every command needs, built from the shared options: one ProbeConfig, a model."""
 
-    def __init__(self, opts: dict[str, Any], *, simulate: bool, **extra: Any) -> None:
+    def __init__(self, opts: dict[str, Any], *, simulate: bool, sharded: bool = False, **extra: Any) -> None:
         import batchfit
         from batchfit.models import UserCodeError, build, variant
         from batchfit.optimizers import OPTIMIZERS
@@ -73,7 +73,8 @@ class Run:
                     seq_len=opts["seq_len"],
                     on_meta=kind == "simulated",
                 ),
-                checkpointing=opts["checkpointing"],
+                # A sharded estimate checkpoints each world size's copy itself, before sharding.
+                checkpointing=opts["checkpointing"] and not sharded,
                 lora=opts["lora"],
             )
         except ValueError as error:

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchfit.device.sim.allocator import AllocatorOutOfMemory, Block, CachingAllocator
 from batchfit.device.watch import run_tracking_new
-from batchfit.internals import is_dtensor_op, local_shard, resizes_followed
+from batchfit.internals import is_dtensor_op, local_shard, propagation_marked, resizes_followed
 from batchfit.memory import format_size
 
 
@@ -36,6 +36,7 @@ class MemoryTracker(TorchDispatchMode):
         self._live: dict[int, Block | None] = {}
         self._depth = 0
         self._resizes: contextlib.ExitStack | None = None
+        self._propagating = [0]
         self.deferring = False
         """Lockstep trials: an allocation past the capacity is recorded, not raised, so the step (and
         its collectives) can finish on every rank; `deferred` holds the error until the trial ends."""
@@ -118,6 +119,7 @@ class MemoryTracker(TorchDispatchMode):
         if self._depth == 0:
             self._resizes = contextlib.ExitStack()
             self._resizes.enter_context(resizes_followed(self.resized))
+            self._resizes.enter_context(propagation_marked(self._propagating))
         self._depth += 1
         return super().__enter__()
 
@@ -135,6 +137,8 @@ class MemoryTracker(TorchDispatchMode):
         # run them as ops on local shards, which come back here and are counted at shard size.
         if is_dtensor_op(types):
             return NotImplemented
+        if self._propagating[0]:  # DTensor's metadata pass on global-shape stand-ins: no rank's memory
+            return func(*args, **(kwargs or {}))
         return run_tracking_new(func, args, kwargs, self.track)
 
 
