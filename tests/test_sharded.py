@@ -172,3 +172,18 @@ def test_a_real_oom_on_one_rank_ends_every_rank_within_the_timeout():
     assert all("batch_size=4" in o["message"] for o in outputs), outputs
     assert all(o["seconds"] < 15 + 30 for o in outputs), outputs  # dist_timeout_s bounds the wait
     assert all(o["bitwise"] and o["group_works"] for o in outputs), outputs
+
+
+def test_dtensors_metadata_pass_on_global_shapes_is_no_ranks_memory():
+    """DTensor works out output metadata on global-shape stand-ins in the first step (cached after):
+    counted, batch 1 read 123 MiB against 88 at batch 2 on this model of large weights."""
+    from torch import nn
+
+    from batchfit.sharded import estimate_sharded
+
+    def wide():
+        return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)])
+
+    estimate = estimate_sharded(wide, torch.randn(1024), [8], optimizer=adamw, memory="8GiB", max_batch_size=2)
+    first, second = (t.peak_allocated for t in estimate.results[8].trials[:2])
+    assert first <= second * 1.01, (first, second)
