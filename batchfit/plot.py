@@ -1,7 +1,9 @@
-"""A PNG of peak memory against batch size: trials, fitted line, capacity, budget, samples/s."""
+"""Plots of peak memory against batch size (trials, fitted line, capacity, budget, samples/s) and of
+the lever table, as PNG, PDF or SVG by the path's suffix; each names the card, simulated or not."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from batchfit.lever.records import LeverTable
@@ -21,23 +23,37 @@ def _pyplot() -> Any:
     return plt
 
 
+FORMATS = (".png", ".pdf", ".svg")
+
+
+def _save(fig: Any, path: str, device: str) -> None:
+    """The card in a corner (its description says when it is simulated), in the suffix's format."""
+    fig.text(0.99, 0.005, device, ha="right", va="bottom", fontsize="x-small", color="dimgray")
+    suffix = Path(path).suffix.lower()
+    fig.savefig(path, dpi=100, format=suffix[1:] if suffix in FORMATS else "png")  # the path as given
+
+
 def plot_levers(table: LeverTable, path: str, title: str = "") -> None:
     """A bar per lever: the largest batch that fits with it, against the batch asked."""
     plt = _pyplot()
-    rows = [lever for lever in table.levers if lever.applies]
+    rows = table.levers[::-1]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
-    names = [lever.name for lever in rows][::-1]
-    fits = [lever.fits or 0 for lever in rows][::-1]
-    colors = ["tab:green" if lever.reaches(table.batch_size) else "tab:gray" for lever in rows][::-1]
-    ax.barh(names, fits, color=colors)
+    fits = [lever.fits or 0 if lever.applies else 0 for lever in rows]
+    colors = ["tab:green" if lever.reaches(table.batch_size) else "tab:gray" for lever in rows]
+    # Accumulation's bar is its per-step (micro) batch: hatched, and labelled with the global batch.
+    hatches = ["//" if lever.group == "accumulation" and lever.applies else "" for lever in rows]
+    ax.barh([lever.name for lever in rows], fits, color=colors, hatch=hatches)
     ax.axvline(table.batch_size, color="black", linestyle="--", label=f"batch asked: {table.batch_size}")
-    for y, value in enumerate(fits):
-        ax.annotate(str(value), (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize="small")
-    ax.set_xlabel("largest batch within the margin")
+    for y, lever in enumerate(rows):
+        label = str(lever.fits or 0) if lever.applies else "does not apply"
+        if lever.applies and lever.group == "accumulation":
+            label = f"{lever.detail.split(';')[0]} = global batch {table.batch_size}"
+        ax.annotate(label, (fits[y], y), xytext=(3, 0), textcoords="offset points", va="center", fontsize="small")
+    ax.set_xlabel("largest batch within the margin (accumulation: per step)")
     ax.set_title(title or table.device, fontsize="medium")
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
+    _save(fig, path, table.device)
     plt.close(fig)
 
 
@@ -94,5 +110,5 @@ def plot_result(result: Result, path: str, title: str = "") -> None:
         twin.legend(loc="lower right")
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")  # the path as given: no extension added
+    _save(fig, path, result.device)
     plt.close(fig)

@@ -25,13 +25,16 @@ from batchfit.memory import format_size
 from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
 from batchfit.samples import choose
 from batchfit.search import search
-from batchfit.session import Session, has_batchnorm, holding
+from batchfit.session import Session, has_batchnorm, holding, model_need
 from batchfit.sharded import refuse_unsupported
 from batchfit.trial import (
     loss_for,
 )
 
 log = logging.getLogger(__name__)
+
+BY_THE_LINE = "the memory line of the trials that ran"
+BEFORE_ANY_BATCH = "at least, before any batch"
 
 
 def find_batch_size(
@@ -152,10 +155,14 @@ def _probe_here(
         )
     if outcome.recommended == 0:
         first = outcome.trials[0]
+        if first.ok:
+            how = f"peaked at {format_size(first.peak_reserved)}"
+        else:
+            need, parts = model_need(model, optimizer, dev)
+            how = f"ran out of memory; before any batch the model needs at least {format_size(need)} ({parts})"
         raise DoesNotFitError(
             f"no batch size trains within {1 - config.margin:.0%} of {format_size(dev.capacity)} "
-            f"on {dev.description}: batch_size={first.batch_size} "
-            + ("ran out of memory" if not first.ok else f"peaked at {format_size(first.peak_reserved)}")
+            f"on {dev.description}: batch_size={first.batch_size} {how}"
         )
     return build_result(outcome, dev, config, timer() - timer_start)
 
@@ -209,6 +216,7 @@ def preflight(
     with holding(model, sample, dev, optimizer, loss_fn, config, None) as probe:
         trial = probe.run(batch_size)
     fits = trial.within(budget)
+    need, parts = model_need(model, optimizer, dev)
     check = CheckResult(
         batch_size=batch_size,
         fits=fits,
@@ -217,6 +225,8 @@ def preflight(
         capacity_bytes=dev.capacity,
         margin=config.margin,
         device=dev.description,
+        needed_bytes=None if trial.ok else need,
+        needed_basis=None if trial.ok else f"{BEFORE_ANY_BATCH}: {parts}",
     )
     if fits or not find_largest:
         if fits:
@@ -227,7 +237,10 @@ def preflight(
         # This rank's own answer: a pre-flight check is per device, with no agreement between ranks.
         found = _probe_here(model, sample, optimizer, loss_fn, dev, narrower if batch_size > 1 else config, None)
         largest = found.recommended_batch_size
+        if not trial.ok and found.fixed_bytes is not None and found.per_sample_bytes is not None:
+            line = round(found.fixed_bytes + found.per_sample_bytes * batch_size)
+            check = replace(check, needed_bytes=line, needed_basis=BY_THE_LINE)
     except DoesNotFitError:
         largest = 0
-    check = CheckResult(**{**check.__dict__, "largest_fitting": largest})
+    check = replace(check, largest_fitting=largest)
     raise DoesNotFitError(str(check), check)

@@ -202,12 +202,14 @@ class CheckResult:
     margin: float
     device: str
     largest_fitting: int | None = None
+    needed_bytes: int | None = None
+    """When the trial ran out of memory: what the batch needs, by `needed_basis`."""
+    needed_basis: str | None = None
 
     @property
     def overshoot_bytes(self) -> int | None:
-        if self.peak_reserved_bytes is None:
-            return None
-        return round(self.peak_reserved_bytes - self.budget_bytes)
+        peak = self.peak_reserved_bytes if self.peak_reserved_bytes is not None else self.needed_bytes
+        return None if peak is None else round(peak - self.budget_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,6 +222,8 @@ class CheckResult:
             "margin": self.margin,
             "device": self.device,
             "largest_fitting": self.largest_fitting,
+            "needed_bytes": self.needed_bytes,
+            "needed_basis": self.needed_basis,
         }
 
     def __str__(self) -> str:
@@ -229,12 +233,13 @@ class CheckResult:
                 f"within {format_size(self.budget_bytes)} ({1 - self.margin:.0%} of "
                 f"{format_size(self.capacity_bytes)}) on {self.device}"
             )
-        how = (
-            "runs out of memory"
-            if self.peak_reserved_bytes is None
-            else f"peaks at {format_size(self.peak_reserved_bytes)}, "
-            f"{format_size(self.overshoot_bytes or 0)} over the budget"
-        )
+        over = f"{format_size(self.overshoot_bytes or 0)} over the budget"
+        if self.peak_reserved_bytes is not None:
+            how = f"peaks at {format_size(self.peak_reserved_bytes)}, {over}"
+        elif self.needed_bytes is not None:
+            how = f"runs out of memory: it needs about {format_size(self.needed_bytes)} ({self.needed_basis}), {over}"
+        else:
+            how = "runs out of memory"
         return (
             f"batch_size={self.batch_size} does not fit: it {how} of {format_size(self.budget_bytes)} "
             f"({1 - self.margin:.0%} of {format_size(self.capacity_bytes)}) on {self.device}"

@@ -12,15 +12,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from batchfit import compiled
 from batchfit.config import ProbeConfig
 from batchfit.device import Device
 from batchfit.internals import fsdp_modules
+from batchfit.memory import budget as memory_budget
 from batchfit.memory import format_size
+from batchfit.oom import is_oom, release
 from batchfit.optimizers import optimizer_factory
-from batchfit.result import Trial
+from batchfit.result import DoesNotFitError, Trial
 from batchfit.snapshot import ModelSnapshot
 from batchfit.trial import Workload, check_sample, default_loss, run_trial, trainable
 
@@ -60,6 +63,62 @@ class Session:
         return trial
 
 
+def model_need(model: nn.Module, optimizer: Any, device: Device) -> tuple[int, str]:
+    """What the model holds before any batch: weights and buffers, gradients, optimizer state
+    (for the optimizers whose state is known: SGD momentum one tensor a weight, Adam(W) two) and
+    the device's fixed workspaces; in bytes, with the parts named."""
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in _tensors(model)}.values())
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    states = _state_tensors(optimizer)
+    parts = [f"weights {format_size(weights)}", f"gradients {format_size(grads)}"]
+    parts.append("optimizer state not known" if states is None else f"optimizer state {format_size(states * grads)}")
+    if device.fixed_bytes:
+        parts.append(f"workspaces {format_size(device.fixed_bytes)}")
+    need = weights + grads + (states or 0) * grads + device.fixed_bytes
+    return need, ", ".join(parts)
+
+
+def _tensors(model: nn.Module) -> list[Any]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def _state_tensors(optimizer: Any) -> int | None:
+    """State tensors a weight of the optimizer's class, where the class is one whose state is known."""
+    factory = optimizer_factory(optimizer)
+    func, keywords = getattr(factory, "func", type(optimizer)), getattr(factory, "keywords", {})
+    if isinstance(optimizer, torch.optim.Optimizer):
+        keywords = optimizer.defaults
+    name = getattr(func, "__name__", "")
+    if name == "SGD":
+        return 1 if keywords.get("momentum") else 0
+    return 2 if name in ("Adam", "AdamW") else None
+
+
+def does_not_fit_before_any_batch(model: nn.Module, optimizer: Any, device: Device, margin: float) -> str:
+    """The line for a model the card cannot hold at all: what it needs against what the card has."""
+    need, parts = model_need(model, optimizer, device)
+    return (
+        f"the model itself does not fit on {device.description}: before any batch it needs at least "
+        f"{format_size(need)} ({parts}) against a budget of {format_size(memory_budget(device.capacity, margin))} "
+        f"({1 - margin:.0%} of {format_size(device.capacity)}); `batchfit check --levers` prices what would make it fit"
+    )
+
+
+@contextlib.contextmanager
+def _placed(device: Device, model: nn.Module, optimizer: Any, margin: float) -> Iterator[dict[str, Any]]:
+    """`device.hold(model)`, where running out of memory means the model does not fit, not a crash."""
+    placing = True
+    try:
+        with device.hold(model) as held:
+            placing = False
+            yield held
+    except Exception as error:
+        if not (placing and is_oom(error)):
+            raise
+        release(error)
+        raise DoesNotFitError(does_not_fit_before_any_batch(model, optimizer, device, margin)) from None
+
+
 @contextlib.contextmanager
 def holding(
     model: nn.Module,
@@ -92,7 +151,7 @@ def holding(
     probe = None
     try:
         snapshot.set_grads_aside()
-        with device.session(), device.hold(model) as held:
+        with device.session(), _placed(device, model, optimizer, config.margin) as held:
             model.train(config.mode != "eval")
             probe = Session(
                 device, workload, config.steps_per_trial, held, trainable(model, held), on_trial, on_trial_start

@@ -251,7 +251,11 @@ def run_trial(
 def _user_error(error: Exception, batch_size: int) -> TrialError:
     """Name the batch size; keep the traceback as text so its frames (activations) can go."""
     first_line = (str(error).strip().splitlines() or [""])[0]
-    error.add_note("".join(traceback.format_tb(error.__traceback__)).rstrip())
+    link: BaseException | None = error
+    while link is not None:  # the user's chain (`raise X from Y`) keeps each traceback as text
+        if link.__traceback__ is not None:
+            link.add_note("".join(traceback.format_tb(link.__traceback__)).rstrip())
+        link = link.__cause__ or link.__context__
     release(error)
     wrapped = TrialError(
         f"batch_size={batch_size} failed with {type(error).__name__}: {first_line} (not an out-of-memory error)"

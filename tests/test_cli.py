@@ -66,7 +66,7 @@ def test_estimate_prints_the_answer(tiny):
         "--model",
         f"{tiny}:tiny",
         "--memory",
-        str(card(64)),
+        f"{card(64)}B",
         "--base-lr",
         "0.1",
         "--base-batch-size",
@@ -90,7 +90,7 @@ def test_json_to_stdout_has_the_result_keys(tiny):
 @needs_plot
 def test_plot_writes_a_png(tiny, tmp_path):
     png = tmp_path / "memory.png"
-    result = invoke("estimate", "--model", f"{tiny}:tiny", "--memory", str(card(64)), "--plot", str(png), "-q")
+    result = invoke("estimate", "--model", f"{tiny}:tiny", "--memory", f"{card(64)}B", "--plot", str(png), "-q")
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -138,17 +138,17 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, tiny):
 
 
 def test_model_bug_is_exit_3_with_the_batch_size(tiny):
-    result = CliRunner().invoke(main, ["estimate", "--model", f"{tiny}:broken", "--memory", str(card(64))])
+    result = CliRunner().invoke(main, ["estimate", "--model", f"{tiny}:broken", "--memory", f"{card(64)}B"])
     assert result.exit_code == 3
     assert "batch_size=1 failed with RuntimeError" in result.output
     assert "Traceback" not in result.output
 
 
 def test_check_exit_codes(tiny):
-    fits = invoke("check", "--model", f"{tiny}:tiny", "--memory", str(card(64)), "--batch-size", "8", "--json", "-")
+    fits = invoke("check", "--model", f"{tiny}:tiny", "--memory", f"{card(64)}B", "--batch-size", "8", "--json", "-")
     assert fits.exit_code == 0
     assert json.loads(fits.stdout)["fits"] is True
-    too_big = invoke("check", "--model", f"{tiny}:tiny", "--memory", str(card(64)), "--batch-size", "100000")
+    too_big = invoke("check", "--model", f"{tiny}:tiny", "--memory", f"{card(64)}B", "--batch-size", "100000")
     assert too_big.exit_code == 1
     assert "does not fit" in too_big.output and "largest that fits" in too_big.output
 
@@ -216,7 +216,7 @@ def test_target_global_batch_sets_accumulation(tiny):
         "--model",
         f"{tiny}:tiny",
         "--memory",
-        str(card(64)),
+        f"{card(64)}B",
         "--target-global-batch",
         "1000000",
         "--base-lr",

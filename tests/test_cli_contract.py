@@ -67,7 +67,7 @@ def assert_one_line_error(result, code: int, match: str = "") -> None:
     assert match in result.stderr
 
 
-MEMORY = str(card(64))
+MEMORY = f"{card(64)}B"
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,7 @@ def test_lr_with_an_unknown_optimizer_name():
 
 
 def test_a_huge_memory_says_too_large():
-    result = run("probe", "--model", "resnet50", "--memory", "1e30")
+    result = run("probe", "--model", "resnet50", "--memory", "1e30B")
     assert_one_line_error(result, 2)
     assert "too large" in result.stderr
 

@@ -189,7 +189,7 @@ def test_cli_check_prints_the_table_when_it_does_not_fit(tmp_path):
         "def make():\n"
         "    return nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU()) for _ in range(4)])\n"
     )
-    args = ["check", "--model", f"{path}:make", "--input-shape", "256", "--memory", str(card(8)), "--batch-size"]
+    args = ["check", "--model", f"{path}:make", "--input-shape", "256", "--memory", f"{card(8)}B", "--batch-size"]
     result = run_cli(*args, "4096")
     assert result.exit_code == 1, result.output
     assert "does not fit" in result.stderr and "activation checkpointing" in result.stderr
@@ -221,7 +221,7 @@ def test_cli_levers_plot(tmp_path):
         "--input-shape",
         "64",
         "--memory",
-        str(card(8)),
+        f"{card(8)}B",
         "--batch-size",
         "8",
         "--plot",
@@ -266,7 +266,7 @@ def test_zoo_variants_from_the_cli(tmp_path):
         "    block = lambda: nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))\n"
         "    return nn.Sequential(*[block() for _ in range(6)])\n"
     )
-    base = ["estimate", "--model", f"{path}:make", "--input-shape", "256", "--memory", str(card(64)), "--json", "-"]
+    base = ["estimate", "--model", f"{path}:make", "--input-shape", "256", "--memory", f"{card(64)}B", "--json", "-"]
     plain = json.loads(run_cli(*base).stdout)
     result = run_cli(*base, "--checkpointing")
     assert result.exit_code == 0, result.stderr
@@ -310,3 +310,56 @@ def test_a_zoo_variant_that_cannot_apply_is_one_line(tmp_path):
     )
     assert result.exit_code == 2 and "no repeated blocks" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@needs_hf
+@needs_peft
+def test_lora_with_checkpointing_is_a_row_of_its_own(gpt2_table):
+    """Issue 18 case 10: the usual recipe for a large fine-tune on one card has its row."""
+    model, _, table = gpt2_table
+    rows = _rows(table)
+    both = rows["LoRA r=8 + checkpointing"]
+    assert both.applies and both.fits >= rows["LoRA r=8 (peft)"].fits and both.fits > rows["as asked"].fits
+    assert both.detail.startswith("4 blocks")
+    assert not any("lora" in name for name, _ in model.named_modules())
+
+
+def test_lora_with_checkpointing_says_why_it_does_not_apply():
+    table = batchfit.levers(linear_stack(2, 16), torch.randn(16), 2, memory=card(8), groups=("combination",))
+    assert "Hugging Face models" in _rows(table)["LoRA r=8 + checkpointing"].detail
+
+
+@needs_hf
+@needs_peft
+def test_lora_warns_nothing_from_other_packages():
+    """Issue 18 case 11: peft's read of a deprecated transformers flag printed a FutureWarning."""
+    import warnings
+
+    model, _ = tiny_gpt2()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with_lora(meta_copy(model), 8)
+    assert not seen, [str(w.message) for w in seen]
+
+
+@needs_hf
+@needs_peft
+def test_an_oom_in_a_checkpointed_backward_leaves_nothing_behind():
+    """Found pricing LoRA + checkpointing: the autograd engine kept a failed backward (and the
+    activations a checkpointed block had recomputed) until the next backward ran, so the trials
+    after an OOM peaked 124 MiB high and the row said 3 where 16 fits (oom.release runs one)."""
+    from batchfit.config import ProbeConfig
+    from batchfit.device import resolve_device
+    from batchfit.lever.changes import enable_checkpointing
+    from batchfit.session import holding
+
+    model, sample = tiny_gpt2()
+    adapted = with_lora(meta_copy(model), 8)
+    enable_checkpointing(adapted)
+    config = ProbeConfig(memory=card(160))
+    device = resolve_device("simulated", config)
+    with holding(adapted, sample, device, None, None, config, None) as probe:
+        fresh = probe.run(16)
+        assert not probe.run(32).ok
+        after = probe.run(16)
+    assert fresh.ok and after.ok and after.peak_allocated == fresh.peak_allocated

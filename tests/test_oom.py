@@ -32,3 +32,14 @@ def test_real_bugs_are_not_oom():
     # Lightning's broad check ("CUDA" and "out of memory") would call these OOM; they are not.
     assert not is_oom(RuntimeError("CUDA error: an illegal memory access was encountered (out of memory?)"))
     assert not is_oom(RuntimeError("CUDA error: misaligned address; checked after out of memory earlier"))
+
+
+def test_cudnn_attention_running_out_outside_the_allocator_is_oom():
+    """Issue 18 case 16: torch's check_cudnn_sdpa_execution; the marker is not on the first line."""
+    text = (
+        "cuDNN SDPA execution failed with error code 2\n"
+        "CUDA ran out of memory outside PyTorch's allocator. If this workload uses many dynamic shapes, cuDNN may "
+        "need additional device memory to JIT-compile shape-specialized kernels."
+    )
+    assert is_oom(RuntimeError(text))
+    assert not is_oom(RuntimeError("cuDNN SDPA execution failed with error code 3: bad strides"))

@@ -304,3 +304,36 @@ def test_a_card_too_small_for_its_own_workspaces_does_not_fit(device):
     """The workspaces are reserved as a trial starts: running out there is an OOM trial, not a crash."""
     with pytest.raises(batchfit.DoesNotFitError, match="batch_size=1 ran out of memory"):
         find_batch_size(linear_stack(), torch.randn(256), device=device, memory=WORKSPACES - 2**20)
+
+
+def test_a_step_that_raises_with_a_cause_keeps_the_users_chain():
+    """Issue 18 case 17: freeing the failed trial's frames also cleared the user's __cause__."""
+
+    def step(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] >= 4:
+            try:
+                raise KeyError("token 50257 not in the vocabulary")
+            except KeyError as inner:
+                raise ValueError("could not embed the batch") from inner
+        return model(batch).mean()
+
+    with pytest.raises(TrialError) as caught:
+        find_batch_size(linear_stack(2, 16), torch.randn(16), step=step, memory="256MiB", device="simulated")
+    user = caught.value.__cause__
+    assert isinstance(user, ValueError) and isinstance(user.__cause__, KeyError)
+    assert "50257" in str(user.__cause__) and user.__traceback__ is None and user.__cause__.__traceback__ is None
+    assert any("raise KeyError" in note for note in user.__cause__.__notes__)
+
+
+def test_an_oom_of_cudnn_attention_is_a_trial_out_of_memory():
+    """Issue 18 case 16: a cuDNN SDPA OOM stopped the probe as a TrialError."""
+
+    def step(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] >= 8:
+            raise RuntimeError(
+                "cuDNN SDPA execution failed with error code 2\nCUDA ran out of memory outside PyTorch's allocator."
+            )
+        return model(batch).mean()
+
+    result = find_batch_size(linear_stack(2, 16), torch.randn(16), step=step, memory="256MiB", device="simulated")
+    assert result.largest_batch_ran < 8 and any(not t.ok for t in result.trials)

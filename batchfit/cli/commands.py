@@ -18,7 +18,16 @@ from typing import Any
 import click
 
 from batchfit.cli.options import model_options, output_path, world_sizes
-from batchfit.cli.run import EXIT_DOES_NOT_FIT, FAILURES, Run, emit_json, fail
+from batchfit.cli.run import (
+    EXIT_DOES_NOT_FIT,
+    EXIT_INTERRUPTED,
+    FAILURES,
+    Run,
+    could_not_write,
+    emit_json,
+    fail,
+    plural,
+)
 from batchfit.config import LR_RULES, OBJECTIVES, PRECISIONS
 
 
@@ -38,10 +47,7 @@ def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -
     if opts["plot_path"]:
         from batchfit.plot import plot_result
 
-        try:
-            plot_result(result, opts["plot_path"], title=run.spec.description)
-        except ImportError as error:
-            raise click.UsageError(str(error)) from None
+        _plot(plot_result, result, opts["plot_path"], run.spec.description)
     if opts["json_path"] == "-":
         emit_json(data, "-")
         return
@@ -53,13 +59,37 @@ def _probe(opts: dict[str, Any], *, simulate: bool, objective: str = "memory") -
         click.echo(str(result))
 
 
+def _plot(draw: Any, what: Any, path: str, title: str) -> None:
+    """Draw a plot; a file that cannot be written after all is one line (the result is printed)."""
+    try:
+        draw(what, path, title=title)
+    except ImportError as error:
+        raise click.UsageError(str(error)) from None
+    except OSError as error:
+        could_not_write(path, error, "the result is printed")
+
+
+def _main() -> None:
+    """The command line as click runs it, except that Ctrl-C at any moment (imports, the model's
+    build) is exit 130 with one line: click's own 'Aborted!' and exit 1 reads as 'does not fit'."""
+    try:
+        code = main.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def entry() -> None:
     """The `batchfit` command. Under torchrun it leaves through os._exit once its own exit
     handlers (which close the process group it opened) have run: torch's distributed threads
     could still abort interpreter shutdown ("terminate called without an active exception",
     exit -6 instead of 3 on the failing rank, about 1 run in 10 on a loaded 2-core machine)."""
     try:
-        main()
+        _main()
     except SystemExit as done:
         if "RANK" not in os.environ:
             raise
@@ -178,6 +208,7 @@ def _sharded(opts: dict[str, Any], world_sizes: tuple[int, ...], param_dtype: st
 def check(batch_size: int, show_levers: bool | None, **opts: Any) -> None:
     """Pre-flight: exit 0 if BATCH_SIZE trains within the margin, 1 if not, 2 on bad input."""
     from batchfit import DoesNotFitError, preflight
+    from batchfit.probe import BY_THE_LINE
 
     run = Run(opts, simulate=False)
     if show_levers and opts["mode"] != "train":
@@ -195,14 +226,19 @@ def check(batch_size: int, show_levers: bool | None, **opts: Any) -> None:
         result, code = error.check, EXIT_DOES_NOT_FIT
     except FAILURES as error:
         fail(error, run, opts["json_path"])
-    table = None
+    table, interrupted = None, False
     if may_price and (show_levers or opts["plot_path"] or code == EXIT_DOES_NOT_FIT):
-        table = _levers(run, batch_size)
-        if not search and code == EXIT_DOES_NOT_FIT:
-            result = dataclasses.replace(result, largest_fitting=table.levers[0].fits)
+        table, interrupted = _levers(run, batch_size, result)
+        if not search and code == EXIT_DOES_NOT_FIT and table.levers:
+            asked = table.levers[0]
+            result = dataclasses.replace(result, largest_fitting=asked.fits)
+            if result.peak_reserved_bytes is None and asked.predicted_peak:
+                result = dataclasses.replace(result, needed_bytes=asked.predicted_peak, needed_basis=BY_THE_LINE)
     data = {"model": run.spec.description, **result.to_dict()}
     if table is not None:
         data["levers"] = table.to_dict()
+    if interrupted:
+        data["interrupted"] = True
     emit_json(data, opts["json_path"])
     if opts["json_path"] != "-":
         click.echo(str(result), err=code != 0)
@@ -211,17 +247,25 @@ def check(batch_size: int, show_levers: bool | None, **opts: Any) -> None:
     if table is not None and opts["plot_path"]:
         from batchfit.plot import plot_levers
 
-        plot_levers(table, opts["plot_path"], title=f"{run.spec.description}, batch {batch_size}")
+        _plot(plot_levers, table, opts["plot_path"], f"{run.spec.description}, batch {batch_size}")
+    if interrupted:
+        click.echo(f"interrupted while pricing the levers: {plural(len(table.levers), 'row')} priced", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code)
 
 
-def _levers(run: Run, batch_size: int) -> Any:
-    """The lever table for the checked batch, or a one-line failure."""
-    from batchfit.lever import levers
+def _levers(run: Run, batch_size: int, check: Any) -> tuple[Any, bool]:
+    """The lever table for the checked batch, and whether Ctrl-C cut it short (then the rows
+    priced so far: the check's verdict was already reached and is not lost); or a one-line failure."""
+    from batchfit.lever import LeverTable, levers
 
     run.say("pricing the levers on the simulated card ...")
+    rows: list[Any] = []
     try:
-        return run.call(levers, batch_size)
+        return run.call(levers, batch_size, on_lever=rows.append), False
+    except KeyboardInterrupt:
+        budget = round(check.budget_bytes)
+        return LeverTable(batch_size, check.capacity_bytes, budget, check.device, rows), True
     except FAILURES as error:
         fail(error, run, None)
 

@@ -6,6 +6,7 @@ torch-free, like config and memory: `batchfit --help` must not import torch.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,27 @@ def _converting(convert: Callable[[str], Any]) -> Callable[[click.Context, click
     return callback
 
 
-def output_path(*, stdout: bool, needs: str | None = None) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """Check an output path before any work: a file in an existing, writable folder."""
+def _cli_size(value: str) -> int:
+    """A size on the command line: a bare number is almost never meant as bytes, so it needs a unit."""
+    if re.fullmatch(r"\s*[0-9.eE+-]+\s*", value):
+        raise ValueError(f"{value.strip()} has no unit: give a unit, e.g. 24GiB ({value.strip()}B for bytes)")
+    return parse_size(value)
+
+
+def output_path(
+    *, stdout: bool, needs: str | None = None, suffixes: tuple[str, ...] = ()
+) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """Check an output path before any work: a file in an existing, writable folder, which opens
+    for writing (a read-only or immutable file, a path under /proc) and has a suffix it can be."""
 
     def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
         if value is None or (stdout and value == "-"):
             return value
+        if value == "-":
+            raise click.BadParameter("'-' (stdout) is for --json; give a file path")
         path = Path(value)
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise click.BadParameter(f"{value!r}: give a path ending in {', '.join(suffixes)} (the format written)")
         if path.is_dir():
             raise click.BadParameter(f"{value!r} is a directory; give a file path")
         folder = path.parent
@@ -75,9 +90,22 @@ def output_path(*, stdout: bool, needs: str | None = None) -> Callable[[click.Co
 
             if importlib.util.find_spec(needs) is None:
                 raise click.BadParameter(f"writing {value!r} needs {needs}: pip install 'batchfit[plot]'")
+        _try_open(path)
         return value
 
     return callback
+
+
+def _try_open(path: Path) -> None:
+    """Open `path` for writing now, not after the work: a file made for the test is removed again."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise click.BadParameter(f"{str(path)!r} cannot be opened for writing: {error.strerror}") from None
+    if not existed:
+        path.unlink()
 
 
 def choice(flag: str, choices: tuple[str, ...], help: str) -> Callable[..., Any]:
@@ -117,7 +145,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Fraction of usable memory kept free.",
         ),
         click.option(
-            "--memory", callback=_converting(parse_size), metavar="SIZE", help="Plan for this capacity, e.g. 24GiB."
+            "--memory", callback=_converting(_cli_size), metavar="SIZE", help="Plan for this capacity, e.g. 24GiB."
         ),
         click.option(
             "--gpu", callback=_converting(find_gpu), metavar="NAME", help="Plan for a known card (batchfit gpus)."
@@ -180,8 +208,8 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--plot",
             "plot_path",
             metavar="PATH",
-            callback=output_path(stdout=False, needs="matplotlib"),
-            help="Write a PNG of memory against batch size to PATH.",
+            callback=output_path(stdout=False, needs="matplotlib", suffixes=(".png", ".pdf", ".svg")),
+            help="Plot memory against batch size (check: the levers) to PATH (.png, .pdf or .svg).",
         ),
         click.option("--quiet", "-q", is_flag=True, help="Print only the answer."),
     ]

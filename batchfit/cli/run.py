@@ -127,14 +127,28 @@ def trial_line(trial: Any) -> str:
 
 
 def emit_json(data: dict[str, Any], path: str | None) -> None:
+    """Write `data` to `path` ('-': stdout); if the file cannot be written after all, the result
+    goes to stdout with one line saying so, never lost to a traceback."""
     if not path:
         return
     text = json.dumps(data, indent=2, default=str)
     if path == "-":
         click.echo(text)
-    else:
+        return
+    try:
         with open(path, "w") as handle:
             handle.write(text + "\n")
+    except OSError as error:
+        click.echo(text)
+        could_not_write(path, error, "the JSON is on stdout above")
+
+
+def could_not_write(path: str, error: OSError, instead: str) -> None:
+    click.echo(f"error: could not write {path!r} ({error.strerror or error}); {instead}", err=True)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def fail(error: BaseException, run: Run, json_path: str | None) -> NoReturn:
@@ -148,7 +162,7 @@ def fail(error: BaseException, run: Run, json_path: str | None) -> NoReturn:
                 click.echo(trial_line(trial), err=True)
         trials = [t.to_dict() for t in run.trials]
         emit_json({"model": run.spec.description, "interrupted": True, "trials": trials}, json_path)
-        click.echo(f"interrupted after {len(trials)} trials", err=True)
+        click.echo(f"interrupted after {plural(len(trials), 'trial')}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     if isinstance(error, DistributedProbeError):
         kinds = error.kinds

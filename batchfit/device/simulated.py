@@ -56,6 +56,7 @@ class SimulatedDevice(Device):
         self.torch_device = torch.device("cpu")
         self.tracker = MemoryTracker(capacity)
         self.workspaces = workspaces
+        self.fixed_bytes = sum(workspaces)
         self._workspace_blocks: list[Any] = []
         self._fake_mode: Any = None
         self._mode: Any = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -141,7 +142,12 @@ def with_lora(model: nn.Module, rank: int) -> nn.Module:
         import peft
     except ImportError as error:
         raise ValueError("LoRA needs peft: pip install 'batchfit[lora]'") from error
-    return peft.get_peft_model(model, peft.LoraConfig(r=rank, target_modules="all-linear"))
+    # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning) and warns
+    # about GPT-2's Conv1D layers, in the middle of batchfit's output: what the user sees comes
+    # from batchfit.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(model, peft.LoraConfig(r=rank, target_modules="all-linear"))
 
 
 def _span(names: list[str]) -> str:

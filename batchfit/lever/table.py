@@ -70,6 +70,7 @@ def levers(
     device: Device | str | None = None,
     config: ProbeConfig | None = None,
     groups: tuple[str, ...] = GROUPS,
+    on_lever: Callable[[Lever], None] | None = None,
     **options: Any,
 ) -> LeverTable:
     """Price each lever for training `model` at `batch_size`, on a simulated card.
@@ -77,7 +78,8 @@ def levers(
     The card is `config.gpu` / `config.memory`, or the capacity of `device` (a CUDA GPU's
     usable memory). Each row comes from trials of that variant: the largest batch within the
     margin (by its memory line, verified by a trial) and the peak at `batch_size`. The first
-    row is the run as asked; `groups` picks the levers (all of GROUPS by default).
+    row is the run as asked; `groups` picks the levers (all of GROUPS by default). `on_lever(row)`
+    hears each row as it is priced (a caller interrupted midway keeps those).
     """
     check_positive_int("batch_size", batch_size)
     unknown = set(groups) - set(GROUPS)
@@ -98,11 +100,14 @@ def levers(
         loss_for(loss_fn, step),
         config,
     )
-    rows = [table.baseline]
-    for group in GROUPS:
-        if group in groups:
-            made = getattr(table, group)()
-            rows.extend(made if isinstance(made, list) else [made])
+    rows: list[Lever] = []
+    heard = on_lever or (lambda row: None)
+    for group in ("baseline", *GROUPS):
+        if group == "baseline" or group in groups:
+            made = table.baseline if group == "baseline" else getattr(table, group)()
+            for row in made if isinstance(made, list) else [made]:
+                rows.append(row)
+                heard(row)
     return LeverTable(
         batch_size=batch_size,
         capacity_bytes=planned.capacity,
@@ -254,13 +259,26 @@ class _Table:
         peak = tried[good].peak_reserved
         return Lever(name, "sequence", cost, self.pricer.batch_size, peak, None, detail, True, list(tried.values()))
 
-    def combination(self) -> Lever:
-        """Precision and checkpointing together: the two that keep the training task as it is."""
+    def combination(self) -> list[Lever]:
+        """Precision and checkpointing together (the two that keep the training task as it is),
+        and LoRA with checkpointing (the usual recipe for fine-tuning a large model on one card)."""
         name = f"{self.low} + checkpointing"
         if self.config.precision in ("bf16", "fp16"):
-            return _not_applicable(name, "combination", "both costs", f"already {self.config.precision}")
-        config = replace(self.config, precision=self.low)
-        return self._variant(name, "combination", "both costs", enable_checkpointing, config=config)
+            low = _not_applicable(name, "combination", "both costs", f"already {self.config.precision}")
+        else:
+            config = replace(self.config, precision=self.low)
+            low = self._variant(name, "combination", "both costs", enable_checkpointing, config=config)
+        return [low, self._lora_checkpointing()]
+
+    def _lora_checkpointing(self) -> Lever:
+        """LoRA adapters on a weightless copy, its repeated blocks checkpointed."""
+        name, cost = f"LoRA r={LORA_RANK} + checkpointing", "a different fine-tuning, and one extra forward per step"
+        try:
+            adapted = with_lora(meta_copy(self.model), LORA_RANK)
+            detail, _ = enable_checkpointing(adapted)  # the copy is ours: no undo needed
+        except ValueError as error:
+            return _not_applicable(name, "combination", cost, str(error))
+        return self._priced(name, "combination", cost, detail, model=adapted)
 
 
 def _not_applicable(name: str, group: str, cost: str, why: str) -> Lever:
