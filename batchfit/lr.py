@@ -118,7 +118,7 @@ def scale_lr(
     if batch_size > WARMUP_ABOVE and factor > 1:
         warmup = WARMUP_EPOCHS
         advice.append(
-            f"warm up linearly from {base_lr:g} to {base_lr * factor:.4g} over the first "
+            f"warm up linearly from {base_lr:g} to {base_lr * factor:.6g} over the first "
             f"~{WARMUP_EPOCHS} epochs: large batches diverge early without it (Goyal et al. 2017)"
         )
     if batch_size > LINEAR_LIMIT and factor > 1:

@@ -23,13 +23,11 @@ from batchfit.internals import collectives_on, fsdp_modules
 from batchfit.memory import budget as memory_budget
 from batchfit.memory import format_size
 from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
-from batchfit.samples import choose
+from batchfit.samples import choose, form_hint
 from batchfit.search import search
 from batchfit.session import Session, has_batchnorm, holding, model_need
 from batchfit.sharded import refuse_unsupported
-from batchfit.trial import (
-    loss_for,
-)
+from batchfit.trial import TrialError, loss_for
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +35,24 @@ BY_THE_LINE = "the memory line of the trials that ran"
 BEFORE_ANY_BATCH = "at least, before any batch"
 
 
+def _explaining(entry: Callable[..., Any]) -> Callable[..., Any]:
+    """A model that refused the arguments the sample's form gave it (TypeError) hears what to pass."""
+
+    @functools.wraps(entry)
+    def explained(model: nn.Module, sample: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return entry(model, sample, *args, **kwargs)
+        except TrialError as error:
+            cause = error.__cause__
+            hint = form_hint(sample, kwargs.get("step") is not None) if isinstance(cause, TypeError) else ""
+            if not hint or hint in str(error):
+                raise
+            raise TrialError(f"{error}{hint}") from cause
+
+    return explained
+
+
+@_explaining
 def find_batch_size(
     model: nn.Module,
     sample: Any,
@@ -55,7 +71,7 @@ def find_batch_size(
 
     `sample` is one example without a batch dimension, a callable `batch_size -> batch`, or data
     (a map-style dataset or a list of examples: the largest of `scan_items` is probed with).
-    A tensor is passed as `model(x)`, a tuple/list as `model(*sample)`, a dict as
+    A tensor is passed as `model(x)`, a tuple as `model(*sample)` (a list is examples), a dict as
     `model(**sample)`; for anything else, e.g. a dataset's `(inputs, target)` item, pass
     `step(model, batch) -> loss`. Options are those of `ProbeConfig` (or pass `config=`);
     `on_start(device)`, `on_trial_start(B)` and `on_trial(trial)` report progress. Under
@@ -183,6 +199,7 @@ def _in_lockstep(probe: Session, group: Any, config: ProbeConfig) -> Iterator[Ca
         distributed.close(trials_group)
 
 
+@_explaining
 def preflight(
     model: nn.Module,
     sample: Any,

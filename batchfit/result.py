@@ -239,7 +239,7 @@ class CheckResult:
         elif self.needed_bytes is not None:
             how = f"runs out of memory: it needs about {format_size(self.needed_bytes)} ({self.needed_basis}), {over}"
         else:
-            how = "runs out of memory"
+            how = "runs out of memory, over the budget"
         return (
             f"batch_size={self.batch_size} does not fit: it {how} of {format_size(self.budget_bytes)} "
             f"({1 - self.margin:.0%} of {format_size(self.capacity_bytes)}) on {self.device}"

@@ -28,15 +28,29 @@ class Chosen:
 def is_collection(sample: Any) -> bool:
     """Data rather than one example: a map-style dataset, or a list of examples.
 
-    A tuple is always one example (`model(*sample)`, whatever it holds), and so is a list of
-    tensors; a list whose items are themselves examples (tuples, lists or dicts, e.g. a
-    dataset's `(inputs, target)` items) is data.
+    A tuple is always one example (`model(*sample)`, whatever it holds); a list is examples, as the
+    README says: token-id tensors of different lengths, or a dataset's `(inputs, target)` items.
     """
     if isinstance(sample, (torch.Tensor, Mapping, tuple, str, bytes)) or callable(sample):
         return False
     if isinstance(sample, list):
-        return len(sample) > 0 and all(isinstance(item, (list, tuple, Mapping)) for item in sample)
+        return len(sample) > 0
     return hasattr(sample, "__len__") and hasattr(sample, "__getitem__")
+
+
+def form_hint(sample: Any, stepped: bool) -> str:
+    """What to pass instead, when a model refused the arguments a sample's form gave it."""
+    if isinstance(sample, list):
+        return (
+            "; a list is taken as a list of examples (each item one example): pass one example's "
+            "several inputs as a tuple, model(*sample)"
+        )
+    if isinstance(sample, tuple) and not stepped:
+        return (
+            "; a tuple is one example's inputs, model(*sample): for a dataset item such as (inputs, target) "
+            "pass step=lambda model, batch: loss_fn(model(batch[0]), batch[1])"
+        )
+    return ""
 
 
 def _size(item: Any) -> tuple[int, int]:

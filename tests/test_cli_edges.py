@@ -239,3 +239,24 @@ def test_plots_name_the_card_and_show_every_lever(tmp_path, monkeypatch):
     result = batchfit.find_batch_size(model, torch.randn(64), memory="256MiB", device="simulated")
     plot_result(result, str(tmp_path / "m.svg"))
     assert result.device in (tmp_path / "m.svg").read_text() and "simulated" in result.device
+
+
+def test_wording_a_user_read_twice(models, monkeypatch):
+    """Issue 18 case 15, each as seen."""
+    import batchfit
+    from batchfit.device import resolve
+
+    monkeypatch.setattr(resolve, "cuda_available", lambda: False)
+    free = resolve.resolve_device(None, batchfit.ProbeConfig())
+    assert "simulated GPU the size of this machine's free RAM" in free.description
+    lr = run("lr", "--base-lr", "0.1", "--base-batch-size", "256", "--batch-size", "1119")
+    assert "learning rate: 0.437109 " in lr.stdout and "to 0.437109 over" in lr.stdout
+    both = run("estimate", "--model", f"{models}:tiny", "--memory", MEMORY, "--mode", "both")
+    assert "training: probing" in both.stderr and "evaluation (forward only, inference mode): probing" in both.stderr
+    check = batchfit.CheckResult(8, False, None, 2**30, 2**31, 0.5, "a card")
+    assert "runs out of memory, over the budget of 1.0 GiB (50% of 2.0 GiB)" in str(check)
+    import torch
+
+    table = batchfit.levers(torch.nn.Linear(16, 16), torch.randn(16), 2, memory=card(8), groups=("optimizer",))
+    sgd = next(row for row in table.levers if row.name == "SGD momentum")
+    assert sgd.detail == "the optimizer asked" and "a different optimizer" not in sgd.cost

@@ -137,11 +137,10 @@ def test_real_cpu_compute_frees_everything_it_made():
     [
         (linear_stack(2, 32), torch.randn(32)),
         (PairModel(), (torch.randn(16), torch.randn(4))),
-        (PairModel(), [torch.randn(16), torch.randn(4)]),
         (DictModel(), {"input_ids": torch.randint(0, 100, (12,)), "labels": torch.randint(0, 100, (12,))}),
         (linear_stack(2, 32), lambda b: torch.randn(b, 32)),
     ],
-    ids=["tensor", "tuple", "list", "dict", "callable"],
+    ids=["tensor", "tuple", "dict", "callable"],
 )
 def test_sample_forms(model, sample):
     result = find_batch_size(model, sample, memory=card(64))
@@ -337,3 +336,28 @@ def test_an_oom_of_cudnn_attention_is_a_trial_out_of_memory():
 
     result = find_batch_size(linear_stack(2, 16), torch.randn(16), step=step, memory="256MiB", device="simulated")
     assert result.largest_batch_ran < 8 and any(not t.ok for t in result.trials)
+
+
+def test_a_list_of_token_id_tensors_is_a_list_of_examples():
+    """Issue 18 case 8: 100 1-D tensors of different lengths were one example's 100 inputs."""
+
+    class Emb(nn.Module):  # one positional input, token ids
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(100, 32), nn.Linear(32, 100)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(ids))
+
+    examples = [torch.randint(0, 100, (8 + i % 40,)) for i in range(100)]
+    result = find_batch_size(Emb(), examples, memory="1GiB", device="simulated")
+    assert result.sample_index == 39 and "probed with item 39" in result.notes[0]  # the longest, 47 tokens
+
+
+def test_a_sample_of_the_wrong_form_says_what_to_pass():
+    """Issue 18 case 8: a dataset item (x, y) without step=, and a list meant as one example's inputs."""
+    item = (torch.randn(16), torch.tensor(3))
+    with pytest.raises(TrialError, match=r"for a dataset item such as \(inputs, target\) pass step="):
+        find_batch_size(linear_stack(2, 16), item, memory="1GiB", device="simulated")
+    with pytest.raises(TrialError, match="a list is taken as a list of examples"):
+        find_batch_size(PairModel(), [torch.randn(16), torch.randn(4)], memory="1GiB", device="simulated")

@@ -83,6 +83,7 @@ class Run:
             click.echo(f"error: {error}", err=True)
             sys.exit(EXIT_MODEL_ERROR)
         self.trials: list[Any] = []
+        self.passes = 0
 
     def call(self, entry: Callable[..., Any], *args: Any, **extra: Any) -> Any:
         """A library entry point (find_batch_size, preflight, levers) on this run's model and options."""
@@ -98,8 +99,12 @@ class Run:
         )
 
     def on_start(self, device: Any) -> None:
-        self.say(f"probing {self.spec.description} on {device.description}")
-        if device.caveat:
+        self.passes += 1
+        # --mode both probes twice: the second pass says it is the evaluation, not a repeat.
+        what = {(1, "both"): "training: ", (2, "both"): "evaluation (forward only, inference mode): "}
+        label = what.get((self.passes, self.config.mode), "")
+        self.say(f"{label}probing {self.spec.description} on {device.description}")
+        if device.caveat and self.passes == 1:
             self.say(device.caveat)
 
     def say(self, text: str) -> None:

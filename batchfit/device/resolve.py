@@ -5,7 +5,7 @@ from __future__ import annotations
 from batchfit.config import ProbeConfig, check_device_name
 from batchfit.device.base import Device
 from batchfit.device.cuda import CudaDevice, cuda_available
-from batchfit.device.simulated import SimulatedDevice
+from batchfit.device.simulated import FREE_RAM, SimulatedDevice
 from batchfit.gpus import CUDA_CONTEXT_BYTES, HOPPER_WORKSPACES
 from batchfit.memory import format_size
 
@@ -47,7 +47,7 @@ def resolve_device(device: Device | str | None, config: ProbeConfig) -> Device:
                 f"no CUDA GPU here: simulating a GPU the size of this machine's free RAM ({format_size(free)}); "
                 "use --gpu NAME or --memory SIZE (gpu=, memory=) to plan for a GPU"
             )
-            return SimulatedDevice(free, name="this machine's free RAM", caveat=caveat)
+            return SimulatedDevice(free, name=FREE_RAM, caveat=caveat)
         raise ValueError(
             f"device={device!r} needs a capacity: pass memory='24GiB' or gpu='A10G' (no CUDA GPU to measure)"
         )

@@ -22,6 +22,9 @@ from batchfit.gpus import HOPPER_WORKSPACES
 from batchfit.internals import local_shard
 from batchfit.memory import format_size
 
+FREE_RAM = "this machine's free RAM"
+"""The name of a simulated card sized by the free RAM (no --memory, --gpu or CUDA GPU)."""
+
 
 class SimulatedDevice(Device):
     """A GPU of `capacity` bytes, simulated on the CPU by the memory tracker.
@@ -67,6 +70,8 @@ class SimulatedDevice(Device):
         label = name or format_size(capacity)
         kind = "estimate, no real compute" if compute == "fake" else "real CPU compute"
         self.description = f"simulated {label} GPU ({kind})"
+        if name == FREE_RAM:  # not "simulated this machine's free RAM GPU"
+            self.description = f"simulated GPU the size of this machine's free RAM, {format_size(capacity)} ({kind})"
         source = "measured on an H200, torch 2.11" if workspaces == HOPPER_WORKSPACES else "torch's default"
         extra = ["simulated device: memory is an estimate from a model of CUDA's caching allocator"]
         if workspaces:
