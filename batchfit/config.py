@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from batchfit.gpus import Gpu, find_gpu
@@ -28,6 +29,24 @@ OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 # 'cpu' the simulated device with real CPU arithmetic (real step times).
 DEVICE_NAMES = ("cuda", "cuda:N", "simulated", "cpu")
 _DEVICE_RE = re.compile(r"^(cuda(:\d+)?|simulated|cpu)$")
+
+
+RENDEZVOUS_ENV = "BATCHFIT_RENDEZVOUS_TIMEOUT"
+RENDEZVOUS_TIMEOUT_S = 300.0
+
+
+def rendezvous_default() -> float:
+    """How long to wait for torchrun's other ranks: BATCHFIT_RENDEZVOUS_TIMEOUT (seconds), else 5 minutes."""
+    value = os.environ.get(RENDEZVOUS_ENV)
+    if value is None:
+        return RENDEZVOUS_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{RENDEZVOUS_ENV}={value!r} must be a positive number of seconds")
+    return seconds
 
 
 def check_device_name(name: str) -> str:
@@ -78,6 +97,9 @@ class ProbeConfig:
     """Global batch to reach (per-device × ranks × accumulation); sets the accumulation steps."""
     dist_timeout_s: float = 1800.0
     """Under torch.distributed: how long ranks wait for each other to report (bounds a crashed rank)."""
+    rendezvous_timeout_s: float = field(default_factory=rendezvous_default)
+    """Under torchrun's variables: how long to wait for the other ranks to join (5 minutes, or
+    BATCHFIT_RENDEZVOUS_TIMEOUT); stale variables with no other rank end there, exit 2."""
     max_trials: int = 40
     """Hard stop for the search, so a pathological memory curve cannot loop for long."""
     scan_items: int = 1000
@@ -127,6 +149,8 @@ class ProbeConfig:
             raise ValueError(f"target_global_batch={self.target_global_batch!r} must be a positive integer")
         if not (isinstance(self.dist_timeout_s, (int, float)) and self.dist_timeout_s > 0):
             raise ValueError(f"dist_timeout_s={self.dist_timeout_s!r} must be a positive number of seconds")
+        if not (isinstance(self.rendezvous_timeout_s, (int, float)) and self.rendezvous_timeout_s > 0):
+            raise ValueError(f"rendezvous_timeout_s={self.rendezvous_timeout_s!r} must be a positive number of seconds")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if not isinstance(self.scan_items, int) or isinstance(self.scan_items, bool) or self.scan_items < 1:

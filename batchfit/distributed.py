@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+from batchfit import rendezvous
+from batchfit.config import RENDEZVOUS_TIMEOUT_S
 from batchfit.device import cuda_available, cuda_count, select_cuda
 
 if TYPE_CHECKING:
@@ -70,7 +72,7 @@ def torchrun_environment() -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(timeout_s: float) -> Any:
+def setup(timeout_s: float, rendezvous_s: float = RENDEZVOUS_TIMEOUT_S) -> Any:
     """The gloo group the ranks agree on, or None in a single process.
 
     Initialises the default process group from torchrun's environment when nobody has yet
@@ -83,7 +85,7 @@ def setup(timeout_s: float) -> Any:
             return None
         timeout = datetime.timedelta(seconds=timeout_s)
         backend = "nccl" if cuda_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=timeout)
+        rendezvous.init_default_group(backend, timeout, rendezvous_s)  # bounded, and Ctrl-C ends it
         # Ours, so ours to close: a process group still open when the interpreter shuts down can
         # abort it ("terminate called without an active exception", exit -6 instead of ours).
         atexit.register(_close_default_group)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from batchfit.lever.changes import enable_checkpointing, with_lora
+from batchfit.optional import optional
 
 IMAGE_SHAPE = (3, 224, 224)
 
@@ -59,10 +60,7 @@ def _token_sample(vocab: int, seq_len: int, labels: str) -> dict[str, torch.Tens
 
 
 def _hf(name: str, seq_len: int | None, place: Any = None) -> ModelSpec:
-    try:
-        import transformers as hf
-    except ImportError as error:
-        raise ValueError(f"model {name!r} needs Hugging Face transformers: pip install 'batchfit[hf]'") from error
+    hf = optional("transformers", f"model {name!r}")
     family = HF_FAMILIES[name]
     config = getattr(hf, family["config"])(**family.get("kwargs", {}))
     with place or contextlib.nullcontext():
@@ -160,9 +158,11 @@ HF_FAMILIES: dict[str, dict[str, Any]] = {
 
 def torchvision_names() -> list[str]:
     try:
-        import torchvision
-    except ImportError:
-        return []
+        torchvision = optional("torchvision", "torchvision models")
+    except ValueError as error:
+        if isinstance(error.__cause__, ImportError):
+            return []
+        raise
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -249,10 +249,7 @@ def build(
         return _hf(name, seq_len, place)
     if name.startswith("timm:"):
         _image_only(name, seq_len)
-        try:
-            import timm
-        except ImportError as error:
-            raise ValueError(f"model {name!r} needs timm: pip install 'batchfit[timm]'") from error
+        timm = optional("timm", f"model {name!r}")
         try:
             with place:
                 model = timm.create_model(name[5:], pretrained=False)

@@ -113,7 +113,7 @@ def find_batch_size(
 def _agreed(here: Callable[..., Result], config: ProbeConfig, optimizer: Any, sharded: bool = False) -> Result:
     """This process's probe (`here`), agreed with the other ranks' under torch.distributed; a
     sharded model's ranks run their trials in lockstep on the agreement group."""
-    group = distributed.setup(config.dist_timeout_s)
+    group = distributed.setup(config.dist_timeout_s, config.rendezvous_timeout_s)
     if group is None:
         return finish(here(), config, optimizer, [])
     rank = distributed.rank(group)

@@ -260,3 +260,64 @@ def test_wording_a_user_read_twice(models, monkeypatch):
     table = batchfit.levers(torch.nn.Linear(16, 16), torch.randn(16), 2, memory=card(8), groups=("optimizer",))
     sgd = next(row for row in table.levers if row.name == "SGD momentum")
     assert sgd.detail == "the optimizer asked" and "a different optimizer" not in sgd.cost
+
+
+def _stale_rank(models: str, *extra: str) -> subprocess.Popen:
+    """A rank whose torchrun variables name a peer that never comes (a pod's stale environment)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(port)
+    command = [sys.executable, "-m", "batchfit", "estimate", "--model", f"{models}:tiny", "--memory", MEMORY, *extra]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_stale_distributed_variables_time_out_naming_them(models):
+    """Issue 18 case 3: the rendezvous waited 30 minutes (the agreement's timeout), deaf to Ctrl-C."""
+    proc = _stale_rank(models, "--rendezvous-timeout", "2")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "waiting for 2 ranks at 127.0.0.1:" in err and "Traceback" not in err
+    assert "RANK=0, WORLD_SIZE=2, MASTER_ADDR=127.0.0.1, MASTER_PORT=" in err and "did not join within 2 s" in err
+
+
+def test_ctrl_c_ends_the_wait_for_other_ranks(models):
+    proc = _stale_rank(models)
+    assert "waiting for 2 ranks" in proc.stderr.readline()
+    time.sleep(0.5)
+    started = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert time.perf_counter() - started < 5 and "Traceback" not in err
+
+
+def test_the_rendezvous_timeout_is_settable(monkeypatch):
+    import batchfit
+
+    assert batchfit.ProbeConfig().rendezvous_timeout_s == 300
+    monkeypatch.setenv("BATCHFIT_RENDEZVOUS_TIMEOUT", "20")
+    assert batchfit.ProbeConfig().rendezvous_timeout_s == 20
+    monkeypatch.setenv("BATCHFIT_RENDEZVOUS_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="BATCHFIT_RENDEZVOUS_TIMEOUT='soon' must be a positive number"):
+        batchfit.ProbeConfig()
+    with pytest.raises(ValueError, match="rendezvous_timeout_s=0"):
+        batchfit.ProbeConfig(rendezvous_timeout_s=0)
+
+
+def test_a_torchvision_built_for_another_torch_is_one_line(tmp_path, monkeypatch):
+    """Issue 18 case 12: it failed at import with 'operator torchvision::nms does not exist', a
+    traceback and exit 1 from `batchfit probe --model resnet50`."""
+    broken = tmp_path / "torchvision"
+    broken.mkdir()
+    (broken / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    result = run("probe", "--model", "resnet50", "--memory", "1GiB")
+    assert_one_line_error(result, 2, "torchvision is installed but fails to import")
+    assert "operator torchvision::nms does not exist" in result.stderr and "pip install torch==" in result.stderr

@@ -224,6 +224,19 @@ def test_lightning_max_trials_never_lowers_the_size_without_evidence(tmp_path, m
     trainer.fit(module)
     assert module.batch_size == 2
     assert (callback.result is None) == (max_trials == 0)
+    if max_trials:  # issue 18 case 19: one answer, the module's and the result's
+        assert callback.result.recommended_batch_size == 2 and "kept batch_size=2" in callback.result.notes[-1]
+
+
+@pytest.mark.parametrize("mode", ["eval", "both"])
+def test_lightning_callback_refuses_mode_and_names_eval_batch_arg_name(mode):
+    """Issue 18 case 19: mode='eval' failed with 'optimizer= does not apply', mode='both' sized
+    training_step under inference mode."""
+    pytest.importorskip("lightning.pytorch")
+    from batchfit.integrations.lightning import BatchfitCallback
+
+    with pytest.raises(ValueError, match="mode= does not apply; eval_batch_arg_name="):
+        BatchfitCallback(mode=mode)
 
 
 def test_lightning_setup_leaves_the_rng_as_it_was(tmp_path):
@@ -285,3 +298,21 @@ def test_lightning_sizes_the_validation_batch_when_asked(tmp_path):
     quiet_trainer(pl, tmp_path, callback, max_steps=1).fit(module)
     assert module.val_batch_size == callback.result.eval_batch_size > module.batch_size
     assert callback.result.eval_per_sample_bytes < callback.result.per_sample_allocated_bytes
+
+
+def test_hf_a_global_batch_beyond_the_dataset_is_not_kept(tmp_path):
+    """Issue 18 case 18: HF's 'large per_device_train_batch_size, let the finder shrink it' idiom
+    (4096 on 512 examples) ended at 64 x 64 accumulation."""
+    transformers = pytest.importorskip("transformers")
+    from batchfit.integrations.hf import fit_training_args
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 128, (64,))
+    dataset = [{"input_ids": ids, "labels": ids} for _ in range(512)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4096, report_to=[], use_cpu=True
+    )
+    result = fit_training_args(args, model, train_dataset=dataset, memory=card(12))
+    assert args.gradient_accumulation_steps == 1 and args.per_device_train_batch_size <= 512
+    assert any("more than the 512 examples" in note for note in result.notes)

@@ -198,6 +198,13 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Global batch to reach with gradient accumulation (per device × ranks × steps).",
         ),
         click.option(
+            "--rendezvous-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="SECONDS",
+            help="Under torchrun's variables: how long to wait for the other ranks to join "
+            "(default 300, or BATCHFIT_RENDEZVOUS_TIMEOUT).",
+        ),
+        click.option(
             "--json",
             "json_path",
             metavar="PATH",

@@ -56,6 +56,7 @@ class Run:
                 mode=opts["mode"],
                 compile=opts["compile_model"],
                 target_global_batch=opts["target_global_batch"],
+                **({"rendezvous_timeout_s": opts["rendezvous_timeout"]} if opts["rendezvous_timeout"] else {}),
                 **extra,
             )
             # The CUDA device itself is resolved inside the probe, after torch.distributed has
@@ -159,6 +160,7 @@ def plural(count: int, noun: str) -> str:
 def fail(error: BaseException, run: Run, json_path: str | None) -> NoReturn:
     """Leave with the exit code that says what went wrong; one line, never a traceback."""
     from batchfit import DistributedProbeError, DoesNotFitError, TrialError
+    from batchfit.rendezvous import RendezvousTimeout
 
     if isinstance(error, KeyboardInterrupt):
         # The trials already run are what the user paid for: show them, and mark the JSON.
@@ -172,6 +174,8 @@ def fail(error: BaseException, run: Run, json_path: str | None) -> NoReturn:
     if isinstance(error, DistributedProbeError):
         kinds = error.kinds
         code = EXIT_MODEL_ERROR if "model" in kinds else EXIT_BAD_INPUT if "input" in kinds else EXIT_DOES_NOT_FIT
+    elif isinstance(error, RendezvousTimeout):
+        code = EXIT_BAD_INPUT  # the environment's variables name ranks that are not there
     elif isinstance(error, TrialError):
         code = EXIT_MODEL_ERROR
     elif isinstance(error, DoesNotFitError):

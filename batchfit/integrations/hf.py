@@ -74,6 +74,17 @@ def fit_training_args(
         sample = example_from_dataset(train_dataset, data_collator)
     before = {name: getattr(args, name) for name in _CHANGED}
     current_global = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None
+    larger = None
+    if target_global_batch is None and examples is not None and current_global > examples:
+        # HF's idiom: a large per-device batch and a finder to shrink it (auto_find_batch_size).
+        # A global batch beyond the dataset is not one to keep: as large as fits, at most the data.
+        larger = (
+            f"the global batch args describe ({current_global}) is more than the {examples} examples of "
+            f"train_dataset: read as 'as large as fits', at most {examples}, without accumulation"
+        )
+        log.warning("fit_training_args: %s", larger)
+        options.setdefault("max_batch_size", max(1, examples // args.world_size))
     options.setdefault("precision", "bf16" if args.bf16 else "fp16" if args.fp16 else None)
     result = find_batch_size(
         model,
@@ -81,7 +92,7 @@ def fit_training_args(
         optimizer=_optimizer(args),
         base_lr=args.learning_rate if scale_lr else None,
         base_batch_size=current_global if scale_lr else None,
-        target_global_batch=target_global_batch or current_global,
+        target_global_batch=target_global_batch or (None if larger else current_global),
         **options,
     )
     args.per_device_train_batch_size = result.recommended_batch_size
@@ -98,7 +109,7 @@ def fit_training_args(
     said = "fit_training_args: " + ("; ".join(changes) or "nothing changed")
     said += f" (global batch {result.global_batch_size}" + (", learning rate left alone)" if not scale_lr else ")")
     log.info(said)
-    return replace(result, notes=[*result.notes, said])
+    return replace(result, notes=[*result.notes, *([larger] if larger else []), said])
 
 
 _CHANGED = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "per_device_eval_batch_size")

@@ -6,6 +6,7 @@ ranks agree (batchfit.distributed), and it trains through the module's real `tra
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import Mapping
@@ -107,6 +108,11 @@ class BatchfitCallback(pl.Callback):
         **options: Any,
     ) -> None:
         super().__init__()
+        if "mode" in options:  # one callback, one meaning: training_step's size, evaluation's beside it
+            raise ValueError(
+                "BatchfitCallback sizes training_step: mode= does not apply; eval_batch_arg_name='val_batch_size' "
+                "also sizes validation_step (inference mode) and sets that field"
+            )
         self.batch_arg_name = batch_arg_name
         self.eval_batch_arg_name = eval_batch_arg_name
         self.sample = sample
@@ -192,6 +198,14 @@ class BatchfitCallback(pl.Callback):
         finally:
             lightning_setattr(pl_module, name, current)
         answer = self._answer(self.result, current, options)
+        if answer != self.result.recommended_batch_size:  # one answer: the callback's and its result's
+            kept = (
+                f"kept {name}={answer}: the search, cut short by max_trials, did not refute it "
+                f"(its own answer was {self.result.recommended_batch_size})"
+            )
+            self.result = dataclasses.replace(
+                self.result, recommended_batch_size=answer, notes=[*self.result.notes, kept]
+            )
         lightning_setattr(pl_module, name, answer)  # every holder Lightning would write
         message = f"batchfit: set {name}={answer}"
         new_lr = self.result.learning_rate  # from the user's own base_lr/base_batch_size, if given

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchfit.optional import optional
+
 
 def repeated_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks of the outermost containers that repeat one block type
@@ -138,10 +140,7 @@ def with_lora(model: nn.Module, rank: int) -> nn.Module:
     """
     if not hasattr(model, "config"):
         raise ValueError("LoRA through peft applies to Hugging Face models here (target_modules='all-linear')")
-    try:
-        import peft
-    except ImportError as error:
-        raise ValueError("LoRA needs peft: pip install 'batchfit[lora]'") from error
+    peft = optional("peft", "LoRA")
     # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning) and warns
     # about GPT-2's Conv1D layers, in the middle of batchfit's output: what the user sees comes
     # from batchfit.
