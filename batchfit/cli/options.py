@@ -76,10 +76,10 @@ def output_path(
         if value == "-":
             raise click.BadParameter("'-' (stdout) is for --json; give a file path")
         path = Path(value)
-        if suffixes and path.suffix.lower() not in suffixes:
-            raise click.BadParameter(f"{value!r}: give a path ending in {', '.join(suffixes)} (the format written)")
         if path.is_dir():
             raise click.BadParameter(f"{value!r} is a directory; give a file path")
+        if suffixes and path.suffix and path.suffix.lower() not in suffixes:  # no suffix: the first format
+            raise click.BadParameter(f"{value!r}: give a path ending in {', '.join(suffixes)} (the format written)")
         folder = path.parent
         if not folder.is_dir():
             raise click.BadParameter(f"{value!r}: the folder {str(folder)!r} does not exist")
