@@ -108,7 +108,7 @@ def fake_store() -> Any:
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     """The modules `fully_shard` (FSDP2) was applied to, outermost first."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not loaded: nothing can be sharded
-    if fsdp is None:
+    if fsdp is None or not isinstance(model, nn.Module):  # not a model: holding() says so in one line
         return []
     return [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]
 
