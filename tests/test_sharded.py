@@ -130,12 +130,6 @@ def test_the_users_model_is_not_touched_and_bad_input_is_one_line():
         estimate_sharded(model, text_sample(), [2], memory="1GiB", compile=True)
 
 
-def test_private_torch_internals_are_all_there():
-    from batchfit import internals
-
-    internals.check()
-
-
 def run_ranks(*args: str, world: int = 2, timeout: float = 240):
     from tests.test_distributed import launch
 
@@ -187,3 +181,61 @@ def test_dtensors_metadata_pass_on_global_shapes_is_no_ranks_memory():
     estimate = estimate_sharded(wide, torch.randn(1024), [8], optimizer=adamw, memory="8GiB", max_batch_size=2)
     first, second = (t.peak_allocated for t in estimate.results[8].trials[:2])
     assert first <= second * 1.01, (first, second)
+
+
+def test_unsupported_sharding_is_refused_in_one_line():
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    import batchfit
+    from batchfit.internals import fake_store
+
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=4)
+    try:
+        hsdp = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        fully_shard(hsdp, mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")))
+        with pytest.raises(ValueError, match="2-D device mesh"):
+            batchfit.find_batch_size(hsdp, torch.randn(8), memory="1GiB")
+        flat = nn.Sequential(nn.Linear(8, 8))
+        fully_shard(flat, mesh=init_device_mesh("cpu", (4,)))
+        with pytest.raises(ValueError, match="compile"):
+            batchfit.find_batch_size(flat, torch.randn(8), memory="1GiB", compile=True)
+    finally:
+        dist.destroy_process_group()
+    # FSDP1 needs an accelerator to wrap; an instance made without its __init__ stands for one.
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapper)
+    wrapped = nn.Sequential(nn.Linear(8, 8), wrapper)
+    fully_shard_marker = nn.Sequential(nn.Linear(8, 8))
+    from batchfit.config import ProbeConfig
+    from batchfit.sharded import refuse_unsupported
+
+    with pytest.raises(ValueError, match="FSDP1"):
+        refuse_unsupported(wrapped, ProbeConfig())
+    refuse_unsupported(fully_shard_marker, ProbeConfig())  # an unsharded model passes
+
+
+def test_cli_estimates_each_world_size(tmp_path):
+    import json
+
+    from tests.conftest import module_file, run_cli
+
+    path = module_file(
+        tmp_path,
+        "mlp",
+        "import torch\nfrom torch import nn\n\n"
+        "def mlp():\n"
+        "    return nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)]), torch.randn(512)\n",
+    )
+    out = tmp_path / "out.json"
+    result = run_cli(
+        "estimate", "--model", f"{path}:mlp", "--memory", "1GiB", "--fsdp", "2,8", "--optimizer", "adamw",
+        "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "per-GPU batch" in result.output
+    data = json.loads(out.read_text())["fsdp"]["world_sizes"]
+    assert set(data) == {"2", "8"} and data["8"]["world_size"] == 8
+    bad = run_cli("estimate", "--model", f"{path}:mlp", "--memory", "1GiB", "--fsdp", "2,x")
+    assert bad.exit_code == 2 and "list of GPU counts" in bad.output
