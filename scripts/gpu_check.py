@@ -15,6 +15,7 @@ run can be added there.
     python scripts/gpu_check.py --budget-s 420 --out $OUT
     python scripts/gpu_check.py --smoke --out /tmp/gc   # the same script on CPU, small models
     python scripts/gpu_check.py --attention --budget-s 420 --out $OUT   # SDPA backends per call, memory
+    python scripts/gpu_check.py --fsdp --budget-s 300 --out $OUT   # FSDP2: world 1, and 2 gloo ranks on the card
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -145,8 +147,13 @@ def main() -> None:
     parser.add_argument(
         "--attention", action="store_true", help="only the SDPA check: backends per call and memory (zoo text models)"
     )
+    parser.add_argument("--fsdp", action="store_true", help="only the FSDP2 check (scripts/fsdp_check.py)")
     args = parser.parse_args()
     deadline = time.perf_counter() + args.budget_s
+    if args.fsdp:
+        command = [sys.executable, str(Path(__file__).with_name("fsdp_check.py")), "--budget-s", str(args.budget_s)]
+        command += ["--out", args.out or "/tmp/fsdp_check"] + (["--smoke"] if args.smoke else [])
+        raise SystemExit(subprocess.call(command))
     if args.attention:
         attention_only(deadline, args.smoke, Path(args.out) if args.out else None)
         return
