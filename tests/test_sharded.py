@@ -239,3 +239,19 @@ def test_cli_estimates_each_world_size(tmp_path):
     assert set(data) == {"2", "8"} and data["8"]["world_size"] == 8
     bad = run_cli("estimate", "--model", f"{path}:mlp", "--memory", "1GiB", "--fsdp", "2,x")
     assert bad.exit_code == 2 and "list of GPU counts" in bad.output
+
+
+def test_the_lever_table_prices_sharding_where_weights_dominate():
+    from torch import nn
+
+    import batchfit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)])
+    table = batchfit.levers(
+        model, torch.randn(1024), 4096, optimizer=adamw, memory="200MiB", groups=(), world_sizes=(8,)
+    )
+    asked, sharded, both = table.levers
+    assert (sharded.name, both.name) == ("FSDP over 8", "FSDP over 8 + checkpointing")
+    assert sharded.fits > asked.fits  # weights, gradients and AdamW state split eight ways
+    assert all(t.ok and t.peak_reserved <= table.budget_bytes for t in sharded.trials if t.batch_size == sharded.fits)

@@ -205,7 +205,14 @@ def _sharded(opts: dict[str, Any], world_sizes: tuple[int, ...], param_dtype: st
     help="Price each lever (precision, checkpointing, optimizer, frozen base, LoRA, accumulation, shorter "
     "sequences) on the simulated card. Default: only when the batch does not fit. --plot draws them.",
 )
-def check(batch_size: int, show_levers: bool | None, **opts: Any) -> None:
+@click.option(
+    "--fsdp",
+    "world_sizes",
+    callback=world_sizes,
+    metavar="N[,N...]",
+    help="Also price FSDP2 over N GPUs (alone and with checkpointing) in the lever table: the batch per GPU.",
+)
+def check(batch_size: int, show_levers: bool | None, world_sizes: tuple[int, ...] | None, **opts: Any) -> None:
     """Pre-flight: exit 0 if BATCH_SIZE trains within the margin, 1 if not, 2 on bad input."""
     from batchfit import DoesNotFitError, preflight
     from batchfit.probe import BY_THE_LINE
@@ -213,6 +220,8 @@ def check(batch_size: int, show_levers: bool | None, **opts: Any) -> None:
     run = Run(opts, simulate=False)
     if show_levers and opts["mode"] != "train":
         raise click.UsageError("--levers price training: --mode does not apply")
+    if world_sizes and show_levers is False:
+        raise click.UsageError("--fsdp prices lever rows: it does not apply with --no-levers")
     may_price = show_levers is not False and opts["mode"] == "train"
     # On the simulated card the lever table's first row is the largest batch that fits: found once.
     search = not (may_price and run.device_kind == "simulated")
@@ -228,7 +237,7 @@ def check(batch_size: int, show_levers: bool | None, **opts: Any) -> None:
         fail(error, run, opts["json_path"])
     table, interrupted = None, False
     if may_price and (show_levers or opts["plot_path"] or code == EXIT_DOES_NOT_FIT):
-        table, interrupted = _levers(run, batch_size, result)
+        table, interrupted = _levers(run, batch_size, result, world_sizes or ())
         if not search and code == EXIT_DOES_NOT_FIT and table.levers:
             asked = table.levers[0]
             result = dataclasses.replace(result, largest_fitting=asked.fits)
@@ -254,7 +263,7 @@ def check(batch_size: int, show_levers: bool | None, **opts: Any) -> None:
     sys.exit(code)
 
 
-def _levers(run: Run, batch_size: int, check: Any) -> tuple[Any, bool]:
+def _levers(run: Run, batch_size: int, check: Any, world_sizes: tuple[int, ...]) -> tuple[Any, bool]:
     """The lever table for the checked batch, and whether Ctrl-C cut it short (then the rows
     priced so far: the check's verdict was already reached and is not lost); or a one-line failure."""
     from batchfit.lever import LeverTable, levers
@@ -262,7 +271,7 @@ def _levers(run: Run, batch_size: int, check: Any) -> tuple[Any, bool]:
     run.say("pricing the levers on the simulated card ...")
     rows: list[Any] = []
     try:
-        return run.call(levers, batch_size, on_lever=rows.append), False
+        return run.call(levers, batch_size, on_lever=rows.append, world_sizes=world_sizes), False
     except KeyboardInterrupt:
         budget = round(check.budget_bytes)
         return LeverTable(batch_size, check.capacity_bytes, budget, check.device, rows), True

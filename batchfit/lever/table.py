@@ -29,6 +29,7 @@ from batchfit.lever.changes import (
 )
 from batchfit.lever.pricing import Pricer, line_of
 from batchfit.lever.records import Lever, LeverTable
+from batchfit.lever.sharding import sharding_rows
 from batchfit.memory import budget as memory_budget
 from batchfit.optimizers import DEFAULT_SGD, OPTIMIZERS
 from batchfit.plan import plan_global_batch
@@ -71,6 +72,7 @@ def levers(
     config: ProbeConfig | None = None,
     groups: tuple[str, ...] = GROUPS,
     on_lever: Callable[[Lever], None] | None = None,
+    world_sizes: tuple[int, ...] = (),
     **options: Any,
 ) -> LeverTable:
     """Price each lever for training `model` at `batch_size`, on a simulated card.
@@ -80,6 +82,7 @@ def levers(
     margin (by its memory line, verified by a trial) and the peak at `batch_size`. The first
     row is the run as asked; `groups` picks the levers (all of GROUPS by default). `on_lever(row)`
     hears each row as it is priced (a caller interrupted midway keeps those).
+    `world_sizes` adds rows for FSDP2 over that many GPUs (alone and with checkpointing), batch per GPU.
     """
     check_positive_int("batch_size", batch_size)
     unknown = set(groups) - set(GROUPS)
@@ -108,6 +111,13 @@ def levers(
             for row in made if isinstance(made, list) else [made]:
                 rows.append(row)
                 heard(row)
+    if world_sizes:
+        for row in sharding_rows(
+            model, table.sample, batch_size, world_sizes, optimizer=optimizer, loss_fn=table.loss_fn,
+            config=config, capacity=planned.capacity,
+        ):  # fmt: skip
+            rows.append(row)
+            heard(row)
     return LeverTable(
         batch_size=batch_size,
         capacity_bytes=planned.capacity,
