@@ -12,6 +12,8 @@ allocations and are counted.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -131,34 +133,87 @@ def estimate_sharded(
         raise ValueError(f"model must be a torch.nn.Module or a factory, got {type(model).__name__}")
     # The search and its answer are per rank; the global batch and its rate come per world size.
     local_config = replace(config, target_global_batch=None, base_lr=None, base_batch_size=None)
-    results: dict[int, Result] = {}
-    for world in world_sizes:
+
+    def one(world: int, report: bool) -> Result:
+        """Rank 0 of `world` on a fresh card; `report`: call on_start/on_trial as it goes."""
         card = resolve_device("simulated", config)
         assert isinstance(card, SimulatedDevice)
+        card.description += f", rank 0 of {world} (FSDP2)"
         with _fake_world(world) as mesh:
             with card.build_mode():  # the model's tensors and this rank's shards: fakes of the card
                 sharded = _structure(model)
                 if checkpointing:
                     enable_checkpointing(sharded)
                 (shard or default_shard)(sharded, mesh, mp_policy)
-            local = find_batch_size(
-                sharded,
-                sample,
-                optimizer=optimizer,
-                loss_fn=loss_fn,
-                step=step,
-                device=card,
-                config=local_config,
-                on_start=on_start,
-                on_trial=on_trial,
-            )
+            return find_batch_size(
+                sharded, sample, optimizer=optimizer, loss_fn=loss_fn, step=step, device=card, config=local_config,
+                on_start=on_start if report else None, on_trial=on_trial if report else None,
+            )  # fmt: skip
+
+    results: dict[int, Result] = {}
+    for world, local in zip(world_sizes, _each(one, list(world_sizes), on_start, on_trial), strict=True):
         notes = [
-            f"FSDP2 over {world} ranks (torch's fake process group): memory of rank 0, whose shard is "
-            "as large as any rank's; collectives' buffers counted, their time not",
+            "FSDP2 over N ranks (torch's fake process group): memory of rank 0, whose shard is as large as "
+            "any rank's; collectives' buffers counted, their time not",
             *local.notes,
         ]
         results[world] = replace(finish(local, config, optimizer, [], world_size=world), notes=notes)
     return ShardedEstimate(results, _policy_name(mp_policy), checkpointing)
+
+
+def _each(
+    one: Callable[[int, bool], Result],
+    worlds: list[int],
+    on_start: Callable[[Any], None] | None,
+    on_trial: Callable[[Any], None] | None,
+) -> list[Result]:
+    """`one(world)` for every world size: side by side in forked processes where this machine has
+    the cores (each is single-threaded fake-tensor dispatch), else one after another.
+
+    A forked child inherits the model and the callables as they are (nothing is pickled but the
+    results); the progress of each world is reported in order once it is back.
+    """
+    workers = min(len(worlds), os.cpu_count() or 1)
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [one(world, True) for world in worlds]
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _ONE
+    _ONE = one
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_run_one, worlds))
+    except RuntimeError as error:
+        # A process that has run a backward pass cannot fork one that runs another (autograd's
+        # threads; torch says so at the child's first backward): one after another, here, then.
+        if "Autograd-and-Fork" not in str(error):
+            raise
+        return [one(world, True) for world in worlds]
+    finally:
+        _ONE = None
+    for result in results:
+        if on_start is not None:
+            on_start(_Described(result.device))
+        for trial in result.trials if on_trial is not None else ():
+            on_trial(trial)
+    return results
+
+
+_ONE: Callable[[int, bool], Result] | None = None
+"""The per-world estimate a forked worker runs (a module global: fork copies it, nothing is pickled)."""
+
+
+def _run_one(world: int) -> Result:
+    assert _ONE is not None
+    return _ONE(world, False)
+
+
+@dataclass(frozen=True)
+class _Described:
+    """What on_start reads of a device (its description), for a world estimated in another process."""
+
+    description: str
+    caveat: str | None = None
 
 
 def refuse_unsupported(model: nn.Module | None, config: ProbeConfig) -> None:

@@ -216,9 +216,15 @@ def test_unsupported_sharding_is_refused_in_one_line():
     refuse_unsupported(fully_shard_marker, ProbeConfig())  # an unsharded model passes
 
 
-def test_cli_estimates_each_world_size(tmp_path):
+def test_cli_estimates_each_world_size_in_processes_side_by_side(tmp_path):
+    """A fresh `batchfit` process forks one worker per world size; the answers are those of the
+    same estimate run one world after another in this process (which has run backward: no fork)."""
     import json
+    import os
+    import subprocess
+    import sys
 
+    from batchfit.sharded import estimate_sharded
     from tests.conftest import module_file, run_cli
 
     path = module_file(
@@ -226,17 +232,29 @@ def test_cli_estimates_each_world_size(tmp_path):
         "mlp",
         "import torch\nfrom torch import nn\n\n"
         "def mlp():\n"
+        "    torch.manual_seed(0)\n"
         "    return nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)]), torch.randn(512)\n",
     )
-    out = tmp_path / "out.json"
-    result = run_cli(
-        "estimate", "--model", f"{path}:mlp", "--memory", "1GiB", "--fsdp", "2,8", "--optimizer", "adamw",
-        "--json", str(out),
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert "per-GPU batch" in result.output
-    data = json.loads(out.read_text())["fsdp"]["world_sizes"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    command = [sys.executable, "-m", "batchfit", "estimate", "--model", f"{path}:mlp", "--memory", "1GiB",
+               "--fsdp", "2,8", "--optimizer", "adamw", "--json", "-"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(done.stdout)["fsdp"]["world_sizes"]
     assert set(data) == {"2", "8"} and data["8"]["world_size"] == 8
+    assert "rank 0 of 8" in done.stderr  # progress names the world it belongs to
+
+    from torch import nn
+
+    from batchfit.optimizers import OPTIMIZERS
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)])
+    here = estimate_sharded(model, torch.randn(512), [2, 8], optimizer=OPTIMIZERS["adamw"], memory="1GiB")
+    for world, result in here.results.items():
+        theirs = data[str(world)]
+        assert theirs["recommended_batch_size"] == result.recommended_batch_size
+        assert [t["peak_allocated_bytes"] for t in theirs["trials"]] == [t.peak_allocated for t in result.trials]
     bad = run_cli("estimate", "--model", f"{path}:mlp", "--memory", "1GiB", "--fsdp", "2,x")
     assert bad.exit_code == 2 and "list of GPU counts" in bad.output
 
