@@ -15,6 +15,7 @@ import contextlib
 import multiprocessing
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,6 +43,8 @@ class ShardedEstimate:
     results: dict[int, Result]
     mp_policy: str
     checkpointing: bool
+    elapsed_s: float = 0.0
+    """Wall time of the whole estimate (world sizes may run side by side)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,7 @@ class ShardedEstimate:
                 "mp_policy": self.mp_policy,
                 "checkpointing": self.checkpointing,
                 "world_sizes": {str(n): r.to_dict() for n, r in self.results.items()},
+                "elapsed_s": self.elapsed_s,
             }
         }
 
@@ -56,7 +60,7 @@ class ShardedEstimate:
         first = next(iter(self.results.values()))
         lines = [
             f"FSDP2 (fully_shard), {self.mp_policy}{', activation checkpointing' if self.checkpointing else ''}; "
-            f"per rank on {first.device} — an estimate",
+            f"per rank on {first.device.split(', rank 0 of')[0]} — an estimate",
             f"{'world':>6} {'per-GPU batch':>13} {'global batch':>12} {'learning rate':>13} "
             f"{'fixed/rank':>11} {'per sample':>11} {'predicted limit':>15}",
         ]
@@ -75,7 +79,7 @@ class ShardedEstimate:
         )
         for note in dict.fromkeys(n for r in self.results.values() for n in r.notes):
             lines.append(f"note: {note}")
-        lines.append(f"elapsed: {sum(r.elapsed_s for r in self.results.values()):.1f} s")
+        lines.append(f"elapsed: {self.elapsed_s:.1f} s")
         return "\n".join(lines)
 
 
@@ -150,6 +154,7 @@ def estimate_sharded(
                 on_start=on_start if report else None, on_trial=on_trial if report else None,
             )  # fmt: skip
 
+    start = time.perf_counter()
     results: dict[int, Result] = {}
     for world, local in zip(world_sizes, _each(one, list(world_sizes), on_start, on_trial), strict=True):
         notes = [
@@ -158,7 +163,7 @@ def estimate_sharded(
             *local.notes,
         ]
         results[world] = replace(finish(local, config, optimizer, [], world_size=world), notes=notes)
-    return ShardedEstimate(results, _policy_name(mp_policy), checkpointing)
+    return ShardedEstimate(results, _policy_name(mp_policy), checkpointing, time.perf_counter() - start)
 
 
 def _each(
