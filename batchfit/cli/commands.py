@@ -257,7 +257,7 @@ def check(batch_size: int, show_levers: bool | None, world_sizes: tuple[int, ...
         from batchfit.plot import plot_levers
 
         _plot(plot_levers, table, opts["plot_path"], f"{run.spec.description}, batch {batch_size}")
-    if interrupted:
+    if interrupted and table is not None:
         click.echo(f"interrupted while pricing the levers: {plural(len(table.levers), 'row')} priced", err=True)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(code)
