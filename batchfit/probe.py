@@ -24,7 +24,7 @@ from batchfit.memory import budget as memory_budget
 from batchfit.memory import format_size
 from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
 from batchfit.samples import choose, form_hint
-from batchfit.search import search
+from batchfit.search import SearchOutcome, search
 from batchfit.session import Session, has_batchnorm, holding, model_need
 from batchfit.sharded import refuse_unsupported
 from batchfit.trial import TrialError, loss_for
@@ -153,22 +153,12 @@ def _probe_here(
         on_start(dev)
     timer_start = timer()
     with (
-        holding(model, sample, dev, optimizer, loss_fn, config, on_trial, on_trial_start) as probe,
-        _in_lockstep(probe, lockstep_group, config) as run,
+        holding(model, sample, dev, optimizer, loss_fn, config, on_trial, on_trial_start) as session,
+        _in_lockstep(session, lockstep_group, config) as run,
     ):
-        outcome = search(
-            run,
-            # In lockstep every rank plans with the smallest card, so all take the same next step.
-            distributed.smallest_capacity(lockstep_group, dev.capacity) if lockstep_group else dev.capacity,
-            margin=config.margin,
-            # Dynamo specialises size 1: a compiled probe starting there would compile a graph for
-            # size 1 alone, and every frame would recompile at 2.
-            start=2 if has_batchnorm(model) or config.compile else 1,
-            max_batch_size=config.max_batch_size,
-            rounding=config.rounding,
-            exact=config.exact,
-            max_trials=config.max_trials,
-        )
+        # In lockstep every rank plans with the smallest card, so all take the same next step.
+        capacity = distributed.smallest_capacity(lockstep_group, dev.capacity) if lockstep_group else dev.capacity
+        outcome = _search(session, config, run, capacity)
     if outcome.recommended == 0:
         first = outcome.trials[0]
         if first.ok:
@@ -197,6 +187,25 @@ def _in_lockstep(probe: Session, group: Any, config: ProbeConfig) -> Iterator[Ca
             yield distributed.lockstep(group, probe.run, config.dist_timeout_s)
     finally:
         distributed.close(trials_group)
+
+
+def _search(
+    session: Session, config: ProbeConfig, run: Callable[[int], Trial] | None = None, capacity: int | None = None
+) -> SearchOutcome:
+    """The search on a held model, as `config` asks: its trials through `run` (the session's own
+    by default), planned for `capacity` (the device's by default)."""
+    return search(
+        run or session.run,
+        capacity or session.device.capacity,
+        margin=config.margin,
+        # Dynamo specialises size 1: a compiled probe starting there would compile a graph for
+        # size 1 alone, and every frame would recompile at 2.
+        start=2 if has_batchnorm(session.workload.model) or config.compile else 1,
+        max_batch_size=config.max_batch_size,
+        rounding=config.rounding,
+        exact=config.exact,
+        max_trials=config.max_trials,
+    )
 
 
 @_explaining
@@ -230,9 +239,18 @@ def preflight(
     if on_start is not None:
         on_start(dev)
     budget = memory_budget(dev.capacity, config.margin)
-    with holding(model, sample, dev, optimizer, loss_fn, config, None) as probe:
-        trial = probe.run(batch_size)
-    fits = trial.within(budget)
+    largest, line = None, None
+    with holding(model, sample, dev, optimizer, loss_fn, config, None) as session:
+        trial = session.run(batch_size)
+        fits = trial.within(budget)
+        if not fits and find_largest:
+            largest = 0
+        if largest == 0 and batch_size > 1:
+            # The search below the batch asked, on the same held model: this device's own answer
+            # (a pre-flight check is per device, with no agreement between ranks).
+            below = replace(config, rounding="none", max_batch_size=batch_size - 1, exact=False)
+            outcome = _search(session, below)
+            largest, line = outcome.recommended, outcome.line if outcome.recommended else None
     need, parts = model_need(model, optimizer, dev)
     check = CheckResult(
         batch_size=batch_size,
@@ -244,20 +262,10 @@ def preflight(
         device=dev.description,
         needed_bytes=None if trial.ok else need,
         needed_basis=None if trial.ok else f"{BEFORE_ANY_BATCH}: {parts}",
+        largest_fitting=largest,
     )
-    if fits or not find_largest:
-        if fits:
-            return check
-        raise DoesNotFitError(str(check), check)
-    try:
-        narrower = replace(config, rounding="none", max_batch_size=batch_size - 1)
-        # This rank's own answer: a pre-flight check is per device, with no agreement between ranks.
-        found = _probe_here(model, sample, optimizer, loss_fn, dev, narrower if batch_size > 1 else config, None)
-        largest = found.recommended_batch_size
-        if not trial.ok and found.fixed_bytes is not None and found.per_sample_bytes is not None:
-            line = round(found.fixed_bytes + found.per_sample_bytes * batch_size)
-            check = replace(check, needed_bytes=line, needed_basis=BY_THE_LINE)
-    except DoesNotFitError:
-        largest = 0
-    check = replace(check, largest_fitting=largest)
+    if not trial.ok and line is not None:
+        check = replace(check, needed_bytes=round(line.predict(batch_size)), needed_basis=BY_THE_LINE)
+    if fits:
+        return check
     raise DoesNotFitError(str(check), check)

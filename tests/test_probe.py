@@ -233,6 +233,41 @@ def test_preflight_passes_and_fails(cnn):
     assert not check.fits and 0 < check.largest_fitting < 4096
 
 
+def _counting(monkeypatch) -> tuple[list[int], list[int]]:
+    """(sessions opened, sizes run) by the probe module from now on."""
+    from batchfit import probe, session
+
+    sessions: list[int] = []
+    sizes: list[int] = []
+    holding, run = probe.holding, session.Session.run
+
+    def counted_holding(*args, **kwargs):
+        sessions.append(1)
+        return holding(*args, **kwargs)
+
+    def counted_run(self, batch_size):
+        sizes.append(batch_size)
+        return run(self, batch_size)
+
+    monkeypatch.setattr(probe, "holding", counted_holding)
+    monkeypatch.setattr(session.Session, "run", counted_run)
+    return sessions, sizes
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_preflight_searches_below_on_the_session_it_checked_on(cnn, monkeypatch, exact):
+    """One held model, the batch asked run once, then the search below it: the answer of a
+    probe capped below the batch, without exact's bisection (its limit is not reported)."""
+    sample, memory = torch.randn(3, 16, 16), card(64)
+    expected = find_batch_size(cnn, sample, memory=memory, rounding="none", max_batch_size=4095)
+    sessions, sizes = _counting(monkeypatch)
+    with pytest.raises(batchfit.DoesNotFitError) as info:
+        batchfit.preflight(cnn, sample, 4096, memory=memory, exact=exact)
+    assert info.value.check.largest_fitting == expected.recommended_batch_size
+    assert sessions == [1]
+    assert sizes == [4096, *(t.batch_size for t in expected.trials)]
+
+
 def test_throughput_objective_picks_the_knee_on_real_timing():
     model = linear_stack(2, 64)
     result = find_batch_size(model, torch.randn(64), memory=card(32), device="cpu", objective="throughput")
