@@ -12,7 +12,6 @@ from typing import Any
 from batchfit.config import ProbeConfig
 from batchfit.device import Device
 from batchfit.lr import scale_lr
-from batchfit.memory import budget as memory_budget
 from batchfit.memory import round_batch
 from batchfit.objective import goodput_batch_size, throughput_knee
 from batchfit.plan import plan_global_batch
@@ -60,9 +59,9 @@ def finish(
     )
 
 
-def rounding_note(outcome: SearchOutcome, budget: int, config: ProbeConfig) -> list[str]:
+def rounding_note(outcome: SearchOutcome, config: ProbeConfig) -> list[str]:
     """Say what power-of-two rounding cost, when the memory line says a multiple of 8 gives more."""
-    line = reserved_model(outcome.trials)
+    line, budget = reserved_model(outcome.trials), outcome.budget
     if config.rounding != "pow2" or line is None or not outcome.recommended:
         return []
     over = [t.batch_size for t in outcome.trials if not t.ok or t.peak_reserved > budget]
@@ -77,8 +76,7 @@ def rounding_note(outcome: SearchOutcome, budget: int, config: ProbeConfig) -> l
 
 
 def build_result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elapsed: float) -> Result:
-    budget = memory_budget(dev.capacity, config.margin)
-    within = [t for t in outcome.trials if t.within(budget)]
+    within = [t for t in outcome.trials if t.within(outcome.budget)]
     knee = throughput_knee(within) if dev.real_timing else None
     goodput = goodput_batch_size(within, config.noise_scale) if dev.real_timing and config.noise_scale else None
     recommended = outcome.recommended
@@ -93,7 +91,7 @@ def build_result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elaps
             "so the memory answer stands"
         )
     notes.extend(dev.notes)
-    notes.extend(rounding_note(outcome, budget, config))
+    notes.extend(rounding_note(outcome, config))
     chosen = next((t for t in outcome.trials if t.batch_size == recommended and t.ok), None)
     if chosen is not None and chosen.alloc_retries:
         # The allocator had to free its cache and retry: the batch fits, but only just.
@@ -123,6 +121,7 @@ def build_result(outcome: SearchOutcome, dev: Device, config: ProbeConfig, elaps
         per_sample_allocated_bytes=line_alloc.per_sample if line_alloc else None,
         fixed_allocated_bytes=line_alloc.fixed if line_alloc else None,
         capacity_bytes=dev.capacity,
+        budget_bytes=outcome.budget,
         margin=config.margin,
         device=dev.description,
         is_estimate=dev.is_estimate,

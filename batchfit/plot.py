@@ -8,7 +8,6 @@ from typing import Any
 
 from batchfit.lever.records import LeverTable
 from batchfit.memory import GIB
-from batchfit.memory import budget as memory_budget
 from batchfit.result import Result
 
 
@@ -93,7 +92,7 @@ def plot_result(result: Result, path: str, title: str = "") -> None:
         )
     ax.axhline(result.capacity_bytes / GIB, color="black", label="capacity")
     ax.axhline(
-        memory_budget(result.capacity_bytes, result.margin) / GIB,
+        result.budget_bytes / GIB,
         color="orange",
         linestyle="--",
         label=f"budget ({1 - result.margin:.0%})",

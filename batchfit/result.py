@@ -80,6 +80,8 @@ class Result:
     per_sample_allocated_bytes: float | None
     fixed_allocated_bytes: float | None
     capacity_bytes: int
+    budget_bytes: int
+    """What the recommendation may peak at: (1 - margin) × capacity, as the search judged it."""
     margin: float
     device: str
     is_estimate: bool

@@ -37,6 +37,9 @@ class SearchOutcome:
     line_allocated: MemoryLine | None
     exact_limit: int | None
     trials: list[Trial]
+    budget: int
+    """Bytes a recommendation may peak at, (1 - margin) × capacity: computed here once, read by
+    everything after the search (the answer, its notes, the plot)."""
 
 
 def fit_trials(trials: list[Trial], key: str = "peak_reserved") -> MemoryLine | None:
@@ -238,6 +241,7 @@ def search(
         line_allocated=fit_trials(order, "peak_allocated"),
         exact_limit=exact_limit,
         trials=order,
+        budget=ledger.budget,
     )
 
 

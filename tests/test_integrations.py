@@ -7,6 +7,8 @@ import torch
 from conftest import card
 from torch import nn
 
+from batchfit import find_batch_size
+
 
 def quiet_trainer(pl, tmp_path, callback, max_steps: int):
     """A CPU Trainer with nothing but the callback: no logger, checkpoints, bars or summary."""
@@ -237,6 +239,22 @@ def test_lightning_callback_refuses_mode_and_names_eval_batch_arg_name(mode):
 
     with pytest.raises(ValueError, match="mode= does not apply; eval_batch_arg_name="):
         BatchfitCallback(mode=mode)
+
+
+def test_lightning_lowers_the_size_on_evidence_judged_by_the_results_budget(tmp_path):
+    """A search cut short keeps the size unless a trial at or below it broke the budget the
+    result carries (the search's own, not one recomputed beside it)."""
+    pytest.importorskip("lightning")
+    from dataclasses import replace
+
+    from batchfit.integrations.lightning import BatchfitCallback
+
+    result = find_batch_size(nn.Linear(8, 8), torch.randn(8), memory=card(64), max_trials=2)
+    cut = {"max_trials": len(result.trials)}
+    small = max(t.batch_size for t in result.trials)
+    kept = BatchfitCallback._answer(replace(result, recommended_batch_size=1), small, cut)
+    lowered = BatchfitCallback._answer(replace(result, recommended_batch_size=1, budget_bytes=0), small, cut)
+    assert (kept, lowered) == (small, 1)
 
 
 def test_lightning_setup_leaves_the_rng_as_it_was(tmp_path):

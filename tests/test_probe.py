@@ -64,6 +64,9 @@ def test_margin_moves_the_answer():
     for r, m in ((loose, 0.0), (tight, 0.5)):
         t = next(t for t in r.trials if t.batch_size == r.recommended_batch_size)
         assert t.peak_reserved <= (1 - m) * card(128)
+        # The budget the search judged with travels with the answer, for everything that reads it.
+        assert r.budget_bytes == int((1 - m) * card(128)) == r.to_dict()["budget_bytes"]
+        assert t.within(r.budget_bytes)
 
 
 def test_model_optimizer_rng_and_mode_come_back_bitwise(cnn):

@@ -19,7 +19,6 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from batchfit.answer import with_evaluation
 from batchfit.lr import LRScaling, scale_lr
-from batchfit.memory import budget as memory_budget
 from batchfit.probe import find_batch_size
 from batchfit.result import Result
 
@@ -260,8 +259,7 @@ class BatchfitCallback(pl.Callback):
         A size is lowered only on evidence: a trial at or below it that failed or broke the budget.
         """
         cut_short = "max_trials" in options and len(result.trials) >= options["max_trials"]
-        budget = memory_budget(result.capacity_bytes, result.margin)
-        refuted = any((not t.ok or t.peak_reserved > budget) and t.batch_size <= current for t in result.trials)
+        refuted = any(not t.within(result.budget_bytes) and t.batch_size <= current for t in result.trials)
         if result.recommended_batch_size < current and cut_short and not refuted:
             return current
         return result.recommended_batch_size
