@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from batchfit.gpus import Gpu, find_gpu
@@ -47,6 +47,11 @@ def rendezvous_default() -> float:
     if not 0 < seconds < float("inf"):
         raise ValueError(f"{RENDEZVOUS_ENV}={value!r} must be a positive number of seconds")
     return seconds
+
+
+# Options that describe training, not inference: an evaluation probe has none of them, and mode='both'
+# drops them for its evaluation half (ProbeConfig.for_evaluation). `objective` too, beyond 'memory'.
+TRAINING_ONLY = ("base_lr", "base_batch_size", "noise_scale", "target_global_batch")
 
 
 def check_device_name(name: str) -> str:
@@ -160,13 +165,7 @@ class ProbeConfig:
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile={self.compile!r} must be True or False")
         if self.mode == "eval":
-            training_only = {
-                "base_lr": self.base_lr,
-                "base_batch_size": self.base_batch_size,
-                "noise_scale": self.noise_scale,
-                "target_global_batch": self.target_global_batch,
-            }
-            given = [k for k, v in training_only.items() if v is not None]
+            given = [name for name in TRAINING_ONLY if getattr(self, name) is not None]
             if given or self.objective != "memory":
                 named = ", ".join(given + (["objective"] if self.objective != "memory" else []))
                 raise ValueError(f"mode='eval' sizes inference: {named} apply to training only (use mode='both')")
@@ -183,6 +182,10 @@ class ProbeConfig:
         if not isinstance(config, cls):
             raise TypeError(f"config= must be a batchfit.ProbeConfig, got {type(config).__name__}")
         return config
+
+    def for_evaluation(self) -> ProbeConfig:
+        """These options for sizing evaluation: mode='eval', without the training-only ones."""
+        return replace(self, mode="eval", objective="memory", **dict.fromkeys(TRAINING_ONLY))
 
     @property
     def card(self) -> Gpu | None:

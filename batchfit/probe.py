@@ -10,7 +10,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 from torch import nn
@@ -82,32 +82,34 @@ def find_batch_size(
     if config.mode == "eval" and optimizer is not None:
         raise ValueError("mode='eval' runs no optimizer step: optimizer= does not apply (use mode='both')")
     chosen = choose(sample, config.scan_items)
+    progress = {"on_trial": on_trial, "on_trial_start": on_trial_start, "on_start": on_start}
+    train = replace(config, mode="train") if config.mode == "both" else config
+    sharded = bool(fsdp_modules(model))
+    if sharded:
+        refuse_unsupported(model, train)
+    here = functools.partial(_probe_here, model, chosen.sample, optimizer, loss_fn, device, train, **progress)
+    result = _agreed(here, train, optimizer, sharded)
     if config.mode == "both":
-        again = functools.partial(
-            find_batch_size,
-            model,
-            chosen.sample,
-            loss_fn=loss_fn,
-            device=device,
-            on_trial=on_trial,
-            on_trial_start=on_trial_start,
-            on_start=on_start,
-        )
-        trained = again(optimizer=optimizer, config=replace(config, mode="train"))
-        inference = replace(config, mode="eval", objective="memory", base_lr=None, base_batch_size=None)
-        evaluated = again(config=replace(inference, noise_scale=None, target_global_batch=None))
-        result = with_evaluation(trained, evaluated)
-    else:
-        sharded = bool(fsdp_modules(model))
-        if sharded:
-            refuse_unsupported(model, config)
-        here = functools.partial(
-            _probe_here, model, chosen.sample, optimizer, loss_fn, device, config, on_trial, on_trial_start, on_start
-        )
-        result = _agreed(here, config, optimizer, sharded)
+        result = add_evaluation(result, model, chosen.sample, loss_fn=loss_fn, device=device, config=config, **progress)
     if chosen.note is None:
         return result
     return replace(result, sample_index=chosen.index, notes=[chosen.note, *result.notes])
+
+
+def add_evaluation(trained: Result, model: nn.Module, sample: Any, **options: Any) -> Result:
+    """The training answer `trained` with the evaluation batch size beside it, as mode='both' gives.
+
+    `model` is probed forward only (model.eval(), under inference mode) with the training probe's
+    own arguments (`find_batch_size`'s: config= or ProbeConfig's options, loss_fn=, device=, the
+    progress callbacks) less the options for training only (`ProbeConfig.for_evaluation`).
+    mode='both' and the integrations (each with its own evaluation step and sample) build "both" here.
+    """
+    given = {name: options.pop(name) for name in _CONFIG_FIELDS & options.keys()}
+    evaluation = ProbeConfig.from_options(options.pop("config", None), given).for_evaluation()
+    return with_evaluation(trained, find_batch_size(model, sample, config=evaluation, **options))
+
+
+_CONFIG_FIELDS = {f.name for f in fields(ProbeConfig)}
 
 
 def _agreed(here: Callable[..., Result], config: ProbeConfig, optimizer: Any, sharded: bool = False) -> Result:

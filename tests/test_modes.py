@@ -54,6 +54,22 @@ def test_both_sizes_in_one_call():
     assert "evaluation batch size:" in str(result) and "evaluation (forward only)" in str(result)
 
 
+def test_both_is_built_by_add_evaluation_with_the_training_options():
+    """mode='both' and the integrations build "both" in one function, from the training probe's
+    own options: the training-only ones (rate, noise scale, global batch, objective) are dropped."""
+    from batchfit.probe import add_evaluation
+
+    model, sample = linear_stack(4, 256), torch.randn(256)
+    options = {"memory": "512MiB", "max_batch_size": 2**16, "base_lr": 0.1, "base_batch_size": 32}
+    options |= {"noise_scale": 500.0, "target_global_batch": 4096}
+    both = batchfit.find_batch_size(model, sample, mode="both", **options)
+    trained = batchfit.find_batch_size(model, sample, **options)
+    added = add_evaluation(trained, model, sample, **options)
+    assert added.mode == both.mode == "both" and added.learning_rate == both.learning_rate == trained.learning_rate
+    assert added.eval_batch_size == both.eval_batch_size > added.recommended_batch_size
+    assert [t.batch_size for t in added.eval_trials] == [t.batch_size for t in both.eval_trials]
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from batchfit.answer import with_evaluation
-from batchfit.probe import find_batch_size
+from batchfit.probe import add_evaluation, find_batch_size
 from batchfit.result import Result
 
 log = logging.getLogger(__name__)
@@ -98,9 +97,8 @@ def fit_training_args(
     args.per_device_train_batch_size = result.recommended_batch_size
     args.gradient_accumulation_steps = result.gradient_accumulation_steps
     if eval_batch:
-        evaluated = find_batch_size(model, sample, mode="eval", **options)
-        result = with_evaluation(result, evaluated)
-        args.per_device_eval_batch_size = evaluated.recommended_batch_size
+        result = add_evaluation(result, model, sample, **options)
+        args.per_device_eval_batch_size = result.eval_batch_size
     if scale_lr and result.learning_rate is not None:
         args.learning_rate = result.learning_rate
     changes = [

@@ -17,9 +17,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from batchfit.answer import with_evaluation
 from batchfit.lr import LRScaling, scale_lr
-from batchfit.probe import find_batch_size
+from batchfit.probe import add_evaluation, find_batch_size
 from batchfit.result import Result
 
 try:
@@ -225,12 +224,14 @@ class BatchfitCallback(pl.Callback):
             lightning_setattr(pl_module, lr_attr, new_lr)
             message += f", {lr_attr}={new_lr:.6g}"
         if self.eval_batch_arg_name is not None:
-            message += self._size_evaluation(trainer, pl_module, options)
+            message += self._size_evaluation(trainer, pl_module, {**self.options, "precision": options["precision"]})
         log.info("%s (%s)", message, self.result.device)
         pl.utilities.rank_zero_info(message)
 
     def _size_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, options: dict[str, Any]) -> str:
-        """Size `validation_step` in inference mode and set `eval_batch_arg_name`; the message part."""
+        """Size `validation_step` in inference mode and set `eval_batch_arg_name`; the message part.
+
+        `options` are the callback's own (the training probe's, less the training set's size)."""
         name = self.eval_batch_arg_name
         assert name is not None
         if not lightning_hasattr(pl_module, name):
@@ -242,15 +243,13 @@ class BatchfitCallback(pl.Callback):
             sample, size = self._sample(trainer, pl_module, "val_dataloader")
         finally:
             torch.set_rng_state(rng)
-        keep = {k: v for k, v in options.items() if k in ("memory", "gpu", "margin", "precision", "rounding")}
-        if size:
-            keep["max_batch_size"] = size
-        with mock.patch.object(pl_module, "log"), mock.patch.object(pl_module, "log_dict"):
-            evaluated = find_batch_size(_ValidationStep(pl_module), (sample,), mode="eval", **keep)
+        if size:  # never a batch larger than the validation set
+            options = {**options, "max_batch_size": min(options.get("max_batch_size") or size, size)}
         assert self.result is not None
-        self.result = with_evaluation(self.result, evaluated)
-        lightning_setattr(pl_module, name, evaluated.recommended_batch_size)
-        return f", {name}={evaluated.recommended_batch_size}"
+        with mock.patch.object(pl_module, "log"), mock.patch.object(pl_module, "log_dict"):
+            self.result = add_evaluation(self.result, _ValidationStep(pl_module), (sample,), **options)
+        lightning_setattr(pl_module, name, self.result.eval_batch_size)
+        return f", {name}={self.result.eval_batch_size}"
 
     @staticmethod
     def _answer(result: Result, current: int, options: dict[str, Any]) -> int:
