@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
 from batchfit.gpus import Gpu, find_gpu
@@ -61,10 +63,67 @@ def check_device_name(name: str) -> str:
     return name
 
 
-def check_positive_int(label: str, value: object) -> None:
-    """A ValueError unless `value` is a positive int (a bool is not one)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{label}={value!r} must be a positive integer")
+def check_positive_int(label: str, value: object, least: int = 1, why: str = "") -> None:
+    """A ValueError unless `value` is an int of at least `least` (a bool is not one): every count
+    option and argument (batch sizes, trials, items, steps) is checked here."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ValueError(f"{label}={value!r} must be {kind}{why}")
+
+
+def check_positive_number(label: str, value: object) -> None:
+    """A ValueError unless `value` is a finite number above zero (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{label}={value!r} must be a positive number")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str, Any], None]:
+    def check(label: str, value: object) -> None:
+        if value not in choices:
+            raise ValueError(f"{label}={value!r} is not one of {', '.join(choices)}")
+
+    return check
+
+
+def _check_margin(label: str, value: object) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise ValueError(f"{label}={value!r} must be in [0, 1), e.g. 0.2 for 20%")
+
+
+def _check_flag(label: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{label}={value!r} must be True or False")
+
+
+def _ignore(_: object) -> None:
+    return None
+
+
+# Each option's rule, checked in this order; an option whose default is None may be None.
+_RULES: dict[str, Callable[[str, Any], None]] = {
+    "margin": _check_margin,
+    "steps_per_trial": functools.partial(
+        check_positive_int, least=2, why=": the first step has no optimizer state and peaks low"
+    ),
+    "max_batch_size": check_positive_int,
+    "rounding": _one_of(ROUNDINGS),
+    "exact": _check_flag,
+    "precision": _one_of(PRECISIONS),
+    "memory": lambda _, value: _ignore(parse_size(value)),  # its own message: what sizes look like
+    "gpu": lambda _, value: _ignore(find_gpu(value)),  # its own message: the cards it knows
+    "base_lr": check_positive_number,
+    "base_batch_size": check_positive_int,
+    "lr_rule": _one_of(LR_RULES),
+    "noise_scale": check_positive_number,
+    "objective": _one_of(OBJECTIVES),
+    "target_global_batch": check_positive_int,
+    "dist_timeout_s": check_positive_number,
+    "rendezvous_timeout_s": check_positive_number,
+    "max_trials": check_positive_int,
+    "scan_items": check_positive_int,
+    "mode": _one_of(MODES),
+    "compile": _check_flag,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,51 +178,12 @@ class ProbeConfig:
     inductor's partitioner but eager kernels (docs/design.md)."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.margin, (int, float)) and 0 <= self.margin < 1):
-            raise ValueError(f"margin={self.margin!r} must be in [0, 1), e.g. 0.2 for 20%")
-        if not isinstance(self.steps_per_trial, int) or self.steps_per_trial < 2:
-            raise ValueError(
-                f"steps_per_trial={self.steps_per_trial!r} must be an integer >= 2: the first "
-                "step has no optimizer state and peaks low"
-            )
-        if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
-            raise ValueError(f"max_batch_size={self.max_batch_size!r} must be a positive integer")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding={self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.memory is not None:
-            parse_size(self.memory)
-        if self.gpu is not None:
-            find_gpu(self.gpu)
-            if self.memory is not None:
-                raise ValueError(f"give memory= or gpu=, not both (memory={self.memory!r}, gpu={self.gpu!r})")
-        if self.base_lr is not None and not (
-            isinstance(self.base_lr, (int, float)) and math.isfinite(self.base_lr) and self.base_lr > 0
-        ):
-            raise ValueError(f"base_lr={self.base_lr!r} must be a positive number")
-        if self.base_batch_size is not None and (not isinstance(self.base_batch_size, int) or self.base_batch_size < 1):
-            raise ValueError(f"base_batch_size={self.base_batch_size!r} must be a positive integer")
-        if self.lr_rule not in LR_RULES:
-            raise ValueError(f"lr_rule={self.lr_rule!r} is not one of {', '.join(LR_RULES)}")
-        if self.noise_scale is not None and not (isinstance(self.noise_scale, (int, float)) and self.noise_scale > 0):
-            raise ValueError(f"noise_scale={self.noise_scale!r} must be a positive number")
-        if self.target_global_batch is not None and (
-            not isinstance(self.target_global_batch, int) or self.target_global_batch < 1
-        ):
-            raise ValueError(f"target_global_batch={self.target_global_batch!r} must be a positive integer")
-        if not (isinstance(self.dist_timeout_s, (int, float)) and self.dist_timeout_s > 0):
-            raise ValueError(f"dist_timeout_s={self.dist_timeout_s!r} must be a positive number of seconds")
-        if not (isinstance(self.rendezvous_timeout_s, (int, float)) and self.rendezvous_timeout_s > 0):
-            raise ValueError(f"rendezvous_timeout_s={self.rendezvous_timeout_s!r} must be a positive number of seconds")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if not isinstance(self.scan_items, int) or isinstance(self.scan_items, bool) or self.scan_items < 1:
-            raise ValueError(f"scan_items={self.scan_items!r} must be a positive integer")
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile={self.compile!r} must be True or False")
+        for name, check in _RULES.items():
+            value = getattr(self, name)
+            if value is not None or _FIELDS[name].default is not None:
+                check(name, value)
+        if self.memory is not None and self.gpu is not None:
+            raise ValueError(f"give memory= or gpu=, not both (memory={self.memory!r}, gpu={self.gpu!r})")
         if self.mode == "eval":
             given = [name for name in TRAINING_ONLY if getattr(self, name) is not None]
             if given or self.objective != "memory":
@@ -185,7 +205,8 @@ class ProbeConfig:
 
     def for_evaluation(self) -> ProbeConfig:
         """These options for sizing evaluation: mode='eval', without the training-only ones."""
-        return replace(self, mode="eval", objective="memory", **dict.fromkeys(TRAINING_ONLY))
+        cleared: dict[str, Any] = dict.fromkeys(TRAINING_ONLY)
+        return replace(self, mode="eval", objective="memory", **cleared)
 
     @property
     def card(self) -> Gpu | None:
@@ -203,3 +224,7 @@ class ProbeConfig:
         import torch
 
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision or "")
+
+
+_FIELDS = {f.name: f for f in fields(ProbeConfig)}
+assert _FIELDS.keys() == _RULES.keys(), "every option has a rule"

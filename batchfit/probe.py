@@ -82,15 +82,18 @@ def find_batch_size(
     if config.mode == "eval" and optimizer is not None:
         raise ValueError("mode='eval' runs no optimizer step: optimizer= does not apply (use mode='both')")
     chosen = choose(sample, config.scan_items)
-    progress = {"on_trial": on_trial, "on_trial_start": on_trial_start, "on_start": on_start}
+    progress = (on_trial, on_trial_start, on_start)
     train = replace(config, mode="train") if config.mode == "both" else config
     sharded = bool(fsdp_modules(model))
     if sharded:
         refuse_unsupported(model, train)
-    here = functools.partial(_probe_here, model, chosen.sample, optimizer, loss_fn, device, train, **progress)
+    here = functools.partial(_probe_here, model, chosen.sample, optimizer, loss_fn, device, train, *progress)
     result = _agreed(here, train, optimizer, sharded)
     if config.mode == "both":
-        result = add_evaluation(result, model, chosen.sample, loss_fn=loss_fn, device=device, config=config, **progress)
+        result = add_evaluation(
+            result, model, chosen.sample, loss_fn=loss_fn, device=device, config=config,
+            on_trial=on_trial, on_trial_start=on_trial_start, on_start=on_start,
+        )  # fmt: skip
     if chosen.note is None:
         return result
     return replace(result, sample_index=chosen.index, notes=[chosen.note, *result.notes])

@@ -98,6 +98,7 @@ def fit_training_args(
     args.gradient_accumulation_steps = result.gradient_accumulation_steps
     if eval_batch:
         result = add_evaluation(result, model, sample, **options)
+        assert result.eval_batch_size is not None
         args.per_device_eval_batch_size = result.eval_batch_size
     if scale_lr and result.learning_rate is not None:
         args.learning_rate = result.learning_rate
