@@ -25,7 +25,7 @@ from batchfit.oom import is_oom, release
 from batchfit.optimizers import optimizer_factory
 from batchfit.result import DoesNotFitError, Trial
 from batchfit.snapshot import ModelSnapshot
-from batchfit.trial import Workload, check_sample, default_loss, run_trial, trainable
+from batchfit.trial import Held, Workload, check_sample, default_loss, run_trial, trainable
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,9 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @dataclass
-class Session:
-    """A model held on a device, ready to run trials; undone on exit."""
+class Session(Held):
+    """A model held on a device, ready to run trials and report them; undone on exit."""
 
-    device: Device
-    workload: Workload
-    steps: int
-    held: dict[str, Any]
-    params: list[Any]
     on_trial: Callable[[Trial], None] | None
     on_trial_start: Callable[[int], None] | None
 
@@ -51,7 +46,7 @@ class Session:
         log.debug("trial at batch_size=%d", batch_size)
         if self.on_trial_start is not None:
             self.on_trial_start(batch_size)
-        trial = run_trial(self.device, self.workload, self.held, self.params, batch_size, self.steps)
+        trial = run_trial(self, batch_size)
         log.info(
             "batch %d: %s, peak reserved %s",
             batch_size,
@@ -153,13 +148,12 @@ def holding(
         snapshot.set_grads_aside()
         with device.session(), _placed(device, model, optimizer, config.margin) as held:
             model.train(config.mode != "eval")
-            probe = Session(
-                device, workload, config.steps_per_trial, held, trainable(model, held), on_trial, on_trial_start
-            )
+            params = trainable(model, held)
+            probe = Session(device, workload, held, params, config.steps_per_trial, on_trial, on_trial_start)
             yield probe
     finally:
         if probe is not None:  # the caller may keep the probe object; its device tensors must go now
-            probe.held.clear()
+            probe.tensors.clear()
             probe.params.clear()
         snapshot.restore()
         if workload.compiled:

@@ -184,22 +184,30 @@ def trainable(model: nn.Module, held: dict[str, torch.Tensor]) -> list[torch.Ten
     return list(seen.values())
 
 
-def run_trial(
-    device: Device,
-    workload: Workload,
-    held: dict[str, torch.Tensor],
-    params: list[torch.Tensor],
-    batch_size: int,
-    steps: int,
-) -> Trial:
-    """Train `steps` real steps at `batch_size`; an OOM is a result, any other error is raised."""
+@dataclass
+class Held:
+    """A workload's model held on a device: what every trial of it runs on."""
+
+    device: Device
+    workload: Workload
+    tensors: dict[str, torch.Tensor]
+    """The model's parameters and buffers on the device, by name (the device's stand-ins)."""
+    params: list[torch.Tensor]
+    """The trainable ones among them, each once."""
+    steps: int
+    """Optimizer steps a trial takes."""
+
+
+def run_trial(held: Held, batch_size: int) -> Trial:
+    """Train `held.steps` real steps at `batch_size`; an OOM is a result, any other error is raised."""
+    device, workload, steps = held.device, held.workload, held.steps
     measurement = None
     failure: Exception | None = None
     try:
         # Dynamo's counters only for a compiled step: importing them costs a second.
         counting = compiled.counting() if workload.compiled else contextlib.nullcontext(compiled.CompileCount())
         with counting as count, device.measure() as measurement:
-            _train(device, workload, held, params, batch_size, steps, measurement)
+            _train(held, batch_size, measurement)
     except Exception as error:
         if workload.sharded:
             reset_after_failure(workload.model)
@@ -208,7 +216,7 @@ def run_trial(
         else:
             failure = error
     finally:
-        for param in params:
+        for param in held.params:
             param.grad = None
     if failure is not None:
         wrapped: Exception | None = compiled.compile_failure(failure)
@@ -264,20 +272,13 @@ def _user_error(error: Exception, batch_size: int) -> TrialError:
     return wrapped
 
 
-def _train(
-    device: Device,
-    workload: Workload,
-    held: dict[str, torch.Tensor],
-    params: list[torch.Tensor],
-    batch_size: int,
-    steps: int,
-    measurement: Measurement,
-) -> None:
+def _train(held: Held, batch_size: int, measurement: Measurement) -> None:
     """The steps themselves, in a frame of their own so their tensors die with it."""
+    device, workload = held.device, held.workload
     batch = workload.batch(device, batch_size)
-    optimizer = workload.make_optimizer(params) if workload.train else None
+    optimizer = workload.make_optimizer(held.params) if workload.train else None
     amp = workload.amp_dtype
-    for step in range(steps):
+    for step in range(held.steps):
         start = timer()
         # The first step's allocation watch is a dispatch mode, under which dynamo would not
         # compile: a compiled step goes unwatched.
@@ -285,7 +286,7 @@ def _train(
         with device.first_step(measurement) if watch else contextlib.nullcontext():
             # Evaluation keeps no graph: activations die as soon as the next layer has used them.
             with device.autocast(amp), contextlib.nullcontext() if workload.train else torch.inference_mode():
-                loss = workload.loss(held, batch)
+                loss = workload.loss(held.tensors, batch)
             if optimizer is not None:
                 loss.backward()
                 del loss

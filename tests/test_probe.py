@@ -309,6 +309,21 @@ def test_each_trial_frees_its_memory_without_a_garbage_collection(compute):
             assert dev.tracker.allocated == baseline, size
 
 
+def test_a_trial_runs_from_the_one_bundle_a_session_is():
+    """run_trial takes the model held on a device (device, workload, tensors, params, steps), which
+    a session is, rather than those five apart."""
+    from batchfit.config import ProbeConfig
+    from batchfit.session import holding
+    from batchfit.trial import Held, run_trial
+
+    config = ProbeConfig(steps_per_trial=3)
+    with holding(linear_stack(2, 64), torch.randn(64), SimulatedDevice(card(64)), None, None, config, None) as held:
+        assert isinstance(held, Held) and held.steps == 3
+        trial = run_trial(held, 8)
+        assert trial.ok and trial.batch_size == 8 and trial.peak_reserved > 0
+        assert all(param.grad is None for param in held.params)
+
+
 def test_a_model_built_on_meta_probes_on_the_simulated_device():
     with torch.device("meta"):
         model = linear_stack(4, 512)
