@@ -32,6 +32,7 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 MIB = 1024**2
 GIB = 1024**3
+MIN_BLOCK = 512  # CUDACachingAllocator's kMinBlockSize: every request rounds up to a multiple of this
 
 
 def parse_size(value: str | int | float) -> int:
@@ -70,6 +71,12 @@ def format_size(nbytes: float) -> str:
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
         n /= 1024
     return f"{sign}{n:.2f} TiB"
+
+
+def round_size(nbytes: int) -> int:
+    """Bytes CUDA's caching allocator hands out for a request of `nbytes` (its round_size): the CUDA
+    card's allocation watch and the simulated card's allocator model both count requests so."""
+    return MIN_BLOCK if nbytes < MIN_BLOCK else -(-nbytes // MIN_BLOCK) * MIN_BLOCK
 
 
 def budget(capacity: float, margin: float) -> int:

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchfit.device.sim.allocator import MIB, AllocatorOutOfMemory, CachingAllocator, round_size, segment_size
+from batchfit.device.sim.allocator import MIB, AllocatorOutOfMemory, CachingAllocator, segment_size
+from batchfit.memory import round_size
 
 
 def test_sizes_follow_the_cuda_allocator():

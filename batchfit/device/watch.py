@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from batchfit.device.sim.allocator import round_size
+from batchfit.memory import round_size
 
 
 class AllocationWatch(TorchDispatchMode):

@@ -28,9 +28,10 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from batchfit.memory import MIN_BLOCK, round_size
+
 MIB = 1024**2
-# CUDACachingAllocator.cpp constants.
-MIN_BLOCK = 512  # kMinBlockSize: every request rounds up to a multiple of this
+# CUDACachingAllocator.cpp constants (kMinBlockSize and the rounding of every request: memory.py).
 SMALL_SIZE = 1 * MIB  # kSmallSize: largest request served by the small pool
 SMALL_BUFFER = 2 * MIB  # kSmallBuffer: segment size of the small pool
 LARGE_BUFFER = 20 * MIB  # kLargeBuffer: segment size for requests under kMinLargeAlloc
@@ -44,11 +45,6 @@ class AllocatorOutOfMemory(Exception):
     def __init__(self, size: int, allocated: int, reserved: int, capacity: int) -> None:
         super().__init__(size, allocated, reserved, capacity)
         self.size, self.allocated, self.reserved, self.capacity = size, allocated, reserved, capacity
-
-
-def round_size(nbytes: int) -> int:
-    """Bytes handed out for a request of `nbytes` (CUDACachingAllocator round_size)."""
-    return MIN_BLOCK if nbytes < MIN_BLOCK else -(-nbytes // MIN_BLOCK) * MIN_BLOCK
 
 
 def segment_size(size: int) -> int:
