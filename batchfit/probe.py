@@ -230,9 +230,9 @@ def preflight(
 ) -> CheckResult:
     """Check that `batch_size` trains within the budget on this device; raise DoesNotFitError if not.
 
-    One real trial decides. When it fails, a probe finds the largest size that fits, so the
-    error says what to use instead (`find_largest=False` skips it: the caller finds it another
-    way, e.g. the lever table's first row).
+    One real trial decides. When it fails, the search runs below it on the model already held,
+    so the error says the largest size that fits (`find_largest=False` skips it: the caller finds
+    it another way, e.g. the lever table's first row).
     """
     check_positive_int("batch_size", batch_size)
     config = ProbeConfig.from_options(config, options)
