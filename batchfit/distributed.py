@@ -12,6 +12,7 @@ import atexit
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,9 @@ from batchfit.config import RENDEZVOUS_TIMEOUT_S
 from batchfit.device import cuda_available, cuda_count, select_cuda
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from batchfit.config import ProbeConfig
     from batchfit.result import Trial
 
 log = logging.getLogger(__name__)
@@ -196,3 +200,23 @@ def close(group: Any) -> None:
 def probe_group(timeout_s: float) -> Any:
     """A group over every rank for a sharded model's collectives during trials, with its own timeout."""
     return dist.new_group(backend=dist.get_backend(), timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def refuse_unsupported(model: nn.Module | None, config: ProbeConfig) -> None:
+    """One line (ValueError) for the sharded setups batchfit does not handle yet."""
+    if config.compile:
+        raise ValueError("compile=True with FSDP2 (fully_shard) is not supported yet: probe without compile")
+    if model is None:
+        return
+    fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    if fsdp1 is not None and any(isinstance(m, fsdp1.FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "FullyShardedDataParallel (FSDP1) is not supported: batchfit sizes FSDP2 models "
+            "(torch.distributed.fsdp.fully_shard)"
+        )
+    meshes = {getattr(p, "device_mesh", None) for p in model.parameters()} - {None}
+    if any(mesh.ndim > 1 for mesh in meshes):
+        raise ValueError(
+            "a 2-D device mesh (HSDP, or FSDP with tensor parallelism) is not supported yet: batchfit "
+            "sizes FSDP2 over a 1-D mesh"
+        )

@@ -26,7 +26,6 @@ from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
 from batchfit.samples import choose, form_hint
 from batchfit.search import SearchOutcome, search
 from batchfit.session import Session, has_batchnorm, holding, model_need
-from batchfit.sharded import refuse_unsupported
 from batchfit.trial import TrialError, loss_for
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def find_batch_size(
     train = replace(config, mode="train") if config.mode == "both" else config
     sharded = bool(fsdp_modules(model))
     if sharded:
-        refuse_unsupported(model, train)
+        distributed.refuse_unsupported(model, train)
     here = functools.partial(_probe_here, model, chosen.sample, optimizer, loss_fn, device, train, *progress)
     result = _agreed(here, train, optimizer, sharded)
     if config.mode == "both":

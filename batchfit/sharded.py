@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -26,6 +25,7 @@ from torch import nn
 from batchfit.answer import finish
 from batchfit.config import ProbeConfig, check_positive_int
 from batchfit.device import SimulatedDevice, resolve_device
+from batchfit.distributed import refuse_unsupported
 from batchfit.internals import fake_store, fsdp_modules
 from batchfit.lever.changes import enable_checkpointing, repeated_blocks, structure_copy
 from batchfit.memory import format_size
@@ -219,26 +219,6 @@ class _Described:
 
     description: str
     caveat: str | None = None
-
-
-def refuse_unsupported(model: nn.Module | None, config: ProbeConfig) -> None:
-    """One line (ValueError) for the sharded setups batchfit does not handle yet."""
-    if config.compile:
-        raise ValueError("compile=True with FSDP2 (fully_shard) is not supported yet: probe without compile")
-    if model is None:
-        return
-    fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
-    if fsdp1 is not None and any(isinstance(m, fsdp1.FullyShardedDataParallel) for m in model.modules()):
-        raise ValueError(
-            "FullyShardedDataParallel (FSDP1) is not supported: batchfit sizes FSDP2 models "
-            "(torch.distributed.fsdp.fully_shard)"
-        )
-    meshes = {getattr(p, "device_mesh", None) for p in model.parameters()} - {None}
-    if any(mesh.ndim > 1 for mesh in meshes):
-        raise ValueError(
-            "a 2-D device mesh (HSDP, or FSDP with tensor parallelism) is not supported yet: batchfit "
-            "sizes FSDP2 over a 1-D mesh"
-        )
 
 
 def _structure(model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
