@@ -65,7 +65,7 @@ def main() -> int:
 
         device = batchfit.SimulatedDevice(8 * 2**30, compute="real", workspaces=())
         with holding(model, text_sample(), device, adamw, None, ProbeConfig(), None) as probe:
-            out["peak_allocated"] = probe.run(2).peak_allocated
+            out["peak_allocated"] = probe.run(4).peak_allocated
     else:
         cards = [int(c) for c in sys.argv[2].split(",")]
         sizes: list[int] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -80,11 +81,14 @@ def test_per_rank_peak_agrees_with_torchs_fsdp_mem_tracker(world, precision):
     estimate = estimate_sharded(
         tiny_gpt2, text_sample(), [world], mp_policy=policy, optimizer=adamw, memory="4GiB", max_batch_size=4
     )
-    trials = {t.batch_size: t for t in estimate.results[world].trials}
-    for batch in (2, 4):
-        ours = trials[batch].peak_allocated - WORKSPACES  # the card's cuBLAS workspaces: no tensor of the model
-        theirs = memtracker_peak(world, policy, batch)
-        assert ours == pytest.approx(theirs, rel=0.02), (batch, ours, theirs)
+    compared = 0
+    for trial in estimate.results[world].trials:
+        if trial.ok and trial.batch_size >= 2:  # at batch 1 the allocator's whole blocks weigh more
+            ours = trial.peak_allocated - WORKSPACES  # the card's cuBLAS workspaces: no tensor of the model
+            theirs = memtracker_peak(world, policy, trial.batch_size)
+            assert ours == pytest.approx(theirs, rel=0.02), (trial.batch_size, ours, theirs)
+            compared += 1
+    assert compared
 
 
 def test_sharding_over_more_ranks_holds_less_per_rank_and_plans_the_global_batch():
@@ -142,9 +146,9 @@ def test_real_gloo_ranks_agree_with_the_offline_estimate():
     codes, outputs, _ = run_ranks("peak")
     assert codes == [0, 0], outputs
     estimate = estimate_sharded(
-        tiny_gpt2, text_sample(), [2], optimizer=adamw, memory="4GiB", max_batch_size=2
+        tiny_gpt2, text_sample(), [2], optimizer=adamw, memory="4GiB", max_batch_size=4
     ).results[2]
-    fake = next(t for t in estimate.trials if t.batch_size == 2).peak_allocated - WORKSPACES
+    fake = next(t for t in estimate.trials if t.batch_size == 4).peak_allocated - WORKSPACES
     for out in outputs:
         assert out["peak_allocated"] == pytest.approx(fake, rel=0.02), (out, fake)
         assert out["bitwise"] and out["group_works"]
@@ -154,7 +158,7 @@ def test_ranks_on_unequal_cards_probe_in_lockstep_and_the_model_trains_on_as_bef
     codes, outputs, _ = run_ranks("lockstep", "400,1500")
     assert codes == [0, 0], outputs
     assert outputs[0]["sizes"] == outputs[1]["sizes"]  # the same trials on every rank
-    assert len(outputs[0]["sizes"]) >= 3
+    assert len(outputs[0]["sizes"]) >= 2
     assert outputs[0]["answer"] == outputs[1]["answer"] >= 1
     assert all(o["bitwise"] and o["group_works"] for o in outputs)
 
@@ -178,9 +182,10 @@ def test_dtensors_metadata_pass_on_global_shapes_is_no_ranks_memory():
     def wide():
         return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)])
 
-    estimate = estimate_sharded(wide, torch.randn(1024), [8], optimizer=adamw, memory="8GiB", max_batch_size=2)
-    first, second = (t.peak_allocated for t in estimate.results[8].trials[:2])
-    assert first <= second * 1.01, (first, second)
+    estimate = estimate_sharded(wide, torch.randn(1024), [8], optimizer=adamw, memory="8GiB", max_batch_size=8)
+    peaks = [t.peak_allocated for t in sorted(estimate.results[8].trials, key=lambda t: t.batch_size)]
+    assert len(peaks) >= 2
+    assert all(a <= b * 1.001 for a, b in itertools.pairwise(peaks)), peaks  # the first trial is not inflated
 
 
 def test_unsupported_sharding_is_refused_in_one_line():
