@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 import time
 
@@ -54,6 +55,7 @@ def main() -> int:
     scenario = sys.argv[1]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank = dist.get_rank()
+    assert dist.get_world_size() == int(os.environ["WORLD_SIZE"]) >= 2, "run by tests/test_sharded.py as 2+ ranks"
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
