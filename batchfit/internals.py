@@ -128,7 +128,7 @@ def reset_after_failure(model: nn.Module) -> None:
         if module._get_fsdp_state()._is_root:  # type: ignore[operator]  # torch refuses it elsewhere
             module.reset_iter_state()  # type: ignore[operator]
     for module in modules:
-        for group in module._get_fsdp_state()._fsdp_param_groups:  # type: ignore[operator]
+        for group in _param_groups(module):
             for fsdp_param in group.fsdp_params:
                 unsharded = getattr(fsdp_param, "_unsharded_param", None)
                 if unsharded is not None:
@@ -149,7 +149,7 @@ def collectives_on(model: nn.Module, group: Any) -> Iterator[None]:
     """
     infos: dict[int, Any] = {}
     for module in fsdp_modules(model):
-        for param_group in module._get_fsdp_state()._fsdp_param_groups:  # type: ignore[operator]
+        for param_group in _param_groups(module):
             for info in (param_group.mesh_info, param_group.post_forward_mesh_info):
                 if info is not None:
                     infos.setdefault(id(info), info)
@@ -161,6 +161,17 @@ def collectives_on(model: nn.Module, group: Any) -> Iterator[None]:
     finally:
         for key, info in infos.items():
             info.shard_process_group = saved[key]
+
+
+def _param_groups(module: nn.Module) -> list[Any]:
+    """An FSDP module's parameter groups: `FSDPState._fsdp_param_groups` (torch >= 2.12), or the one
+    `_fsdp_param_group` of torch 2.11 and before."""
+    state = module._get_fsdp_state()  # type: ignore[operator]
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [group] if group is not None else []
+    return list(groups)
 
 
 def check() -> None:
@@ -186,7 +197,9 @@ def check() -> None:
         ),
         "FSDPModule._get_fsdp_state": callable(getattr(FSDPModule, "_get_fsdp_state", None)),
         "FSDPModule.reset_iter_state": callable(getattr(FSDPModule, "reset_iter_state", None)),
-        "FSDPState._fsdp_param_groups": "_fsdp_param_groups" in FSDPState.__init__.__code__.co_names,
+        "FSDPState._fsdp_param_groups (or _fsdp_param_group)": bool(
+            {"_fsdp_param_groups", "_fsdp_param_group"} & set(FSDPState.__init__.__code__.co_names)
+        ),
         "FSDPState._is_root": "_is_root" in FSDPState.__init__.__code__.co_names,
         "FSDPParamGroup.fsdp_params": "fsdp_params" in FSDPParamGroup.__init__.__code__.co_names,
         "FSDPParam._unsharded_param, .unsharded_accumulated_grad": {
