@@ -164,7 +164,7 @@ def _probe_here(
         capacity = distributed.smallest_capacity(lockstep_group, dev.capacity) if lockstep_group else dev.capacity
         outcome = _search(session, config, run, capacity)
     if outcome.recommended == 0:
-        first = outcome.trials[0]
+        first = min(outcome.trials, key=lambda t: t.batch_size)  # the smallest size tried
         if first.ok:
             how = f"peaked at {format_size(first.peak_reserved)}"
         else:

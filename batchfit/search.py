@@ -16,7 +16,8 @@ from batchfit.memory import budget as memory_budget
 from batchfit.result import Trial
 
 # A jump whose measured peak is this far from the line's prediction gets a second point
-# beside it, so the line is fitted where the recommendation lives.
+# beside it, so the line is fitted where the recommendation lives; within it, the jump's own
+# peak confirms the line near the top and no closing point is run.
 _FIT_TOLERANCE = 0.05
 _MAX_JUMP = 16
 # Without rounding, stop once a step would gain less than 1/64 (~1.5%) of the batch.
@@ -79,8 +80,11 @@ class Ledger:
     cap: int
     rounding: str = "pow2"
     start: int = 1
+    """The smallest size the model can run (2 with BatchNorm); the first trial is at 4 or more."""
     trials: dict[int, Trial] = field(default_factory=dict)
     order: list[Trial] = field(default_factory=list)
+    moves: dict[int, Move] = field(default_factory=dict)
+    """The move that ran each size."""
     phase: str = "doubling"
     """'doubling' until the line is known, 'jumping' to its answer, 'closing' for a last point."""
     last: Move | None = None
@@ -88,6 +92,7 @@ class Ledger:
     def record(self, move: Move, trial: Trial) -> None:
         self.trials[trial.batch_size] = trial
         self.order.append(trial)
+        self.moves[trial.batch_size] = move
         self.phase, self.last = move.phase, move
 
     def within(self, trial: Trial) -> bool:
@@ -112,17 +117,35 @@ class Move:
     phase: str
     predicted_peak: float | None = None
     """What the line predicted for this size, when the move was a jump to the line's answer."""
+    predicted_allocated: float | None = None
+    """The allocated line's prediction for that jump: the smooth part, which judges the line."""
+
+    def missed(self, trial: Trial) -> bool:
+        """Whether `trial` (this move's) peaked over 5% off the prediction: by allocated bytes
+        where measured (the cache's share of reserved changes with pressure, not the line)."""
+        if self.predicted_allocated is not None and trial.peak_allocated > 0:
+            return abs(self.predicted_allocated - trial.peak_allocated) > _FIT_TOLERANCE * trial.peak_allocated
+        if self.predicted_peak is None:
+            return True
+        return abs(self.predicted_peak - trial.peak_reserved) > _FIT_TOLERANCE * trial.peak_reserved
 
 
 def next_move(ledger: Ledger) -> Move:
     """The next batch size to try and why. Pure: reads the ledger, changes nothing."""
     if not ledger.order:
-        return Move(min(ledger.start, ledger.cap), "start", "doubling")
+        # Sizes below 4 peak on another line (the optimizer step) and are never fitted once two
+        # sizes at 4 or more exist: start where the fit can use the point.
+        first = max(ledger.start, FIT_MIN_BATCH)
+        return Move(min(first, ledger.cap), "start: the smallest size the memory line is fitted on", "doubling")
     if ledger.phase == "doubling":
         trial = ledger.order[-1]
+        if not ledger.verified() and not ledger.within(trial) and trial.batch_size > ledger.start:
+            half = max(ledger.start, trial.batch_size // 2)
+            return Move(half, "halve: nothing ran within the budget yet", "doubling")
         ready = sum(1 for t in ledger.order if t.ok and t.batch_size >= FIT_MIN_BATCH) >= 2
-        if ledger.within(trial) and not ready and trial.batch_size < ledger.cap:
-            return Move(min(trial.batch_size * 2, ledger.cap), "double: the memory line needs two points", "doubling")
+        double = min(trial.batch_size * 2, ledger.cap)
+        if ledger.within(trial) and not ready and trial.batch_size < double < ledger.ceiling():
+            return Move(double, "double: the memory line needs two points", "doubling")
     if ledger.phase in ("doubling", "jumping"):
         second = _second_point(ledger)
         if second is not None:
@@ -140,8 +163,7 @@ def _second_point(ledger: Ledger) -> Move | None:
     if last is None or last.predicted_peak is None or last.batch_size != trial.batch_size or not trial.ok:
         return None
     half = trial.batch_size // 2
-    missed = abs(last.predicted_peak - trial.peak_reserved) > _FIT_TOLERANCE * trial.peak_reserved
-    if half < FIT_MIN_BATCH or half in ledger.trials or not missed:
+    if half < FIT_MIN_BATCH or half in ledger.trials or not last.missed(trial):
         return None
     return Move(half, "second point: the line missed the jump's peak by over 5%", "jumping")
 
@@ -169,12 +191,18 @@ def _jump(ledger: Ledger) -> Move:
         return Move(None, "stop: nothing larger to gain", "jumping")
     if candidate in ledger.trials:
         return Move(None, "stop: the next size already ran", "jumping")
+    # The allocated line's prediction is kept for every jump the line reaches past (a capped jump
+    # too): its trial then confirms the line there, or not. Only a jump to the line's own answer
+    # gets a second point when it misses (`predicted_peak`).
+    allocated = fit_trials(ledger.order, "peak_allocated")
+    predicted_allocated = allocated.predict(candidate) if allocated is not None and line is not None else None
     predicted = line.predict(candidate) if from_line and line is not None else None
-    return Move(candidate, reason, "jumping", predicted)
+    return Move(candidate, reason, "jumping", predicted, predicted_allocated)
 
 
 def _closing(ledger: Ledger) -> Move | None:
-    """The line is reported and trusted near the top: a second point there, if it has none.
+    """The line is reported and trusted near the top: a second point there, if it has none and
+    the top was not a jump whose peak the line predicted (that peak confirms the line there).
 
     Half the largest batch that ran, so no new risk of running out of memory.
     """
@@ -183,6 +211,10 @@ def _closing(ledger: Ledger) -> Move | None:
         return None
     top = ok_sizes[-1]
     if top // 2 < FIT_MIN_BATCH or any(top / FIT_SPAN <= b < top for b in ok_sizes):
+        return None
+    ran = ledger.moves.get(top)
+    predicted = ran is not None and (ran.predicted_peak is not None or ran.predicted_allocated is not None)
+    if ran is not None and predicted and not ran.missed(ledger.trials[top]):
         return None
     return Move(top // 2, "second point near the top for the reported line", "closing")
 

@@ -11,8 +11,9 @@ The per-trial overhead is what the recorded batchfit run spent beyond its steps,
 trials (bench_peers' batchfit time on the same card); the watch's cost was measured on CPU (the
 first step's allocation watch: ResNet-50 +0.04 s, GPT-2 +0.09 s a trial). The fastest peer's
 time is bench_peers' on the same card, same session. Under perturbation (per-sample memory ±10%;
-±25% beyond the largest size run so far, so the line the search learned is wrong where it jumps;
-the cache's overhead ±30%; 1% noise on every peak) it reports the trials and OOMs of each run.
+±25% beyond a pivot size, so a line learned below it is wrong where the search jumps; the cache's
+overhead ±30%; 1% noise on every peak) it reports the trials, OOMs and answers of each run, and
+the predicted limit against that card's own exact limit.
 
     python scripts/bench_replay.py [--runs 100] [--seed 0]
 """
@@ -75,11 +76,12 @@ class Perturbation:
 
     per_sample: float = 0.0
     beyond: float = 0.0
-    """Per-sample memory beyond the largest size run so far, relative."""
+    """Per-sample memory beyond `pivot`, relative."""
     cache: float = 0.0
     """The caching allocator's excess over allocated, relative."""
     noise: float = 0.0
     """Relative noise on every measured peak (uniform)."""
+    pivot: float = 0.0
 
 
 def _interpolate(xs: list[float], ys: list[float], x: float) -> float:
@@ -137,8 +139,6 @@ class Card:
     watch_s: float
     rng: random.Random
     seconds: float = 0.0
-    top: float = 0.0
-    """The largest size run so far: memory beyond it grows `beyond` faster than recorded."""
     threshold: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -150,9 +150,20 @@ class Card:
         sizes, p = self.curves.sizes, self.perturbation
         base = _interpolate(sizes, values, sizes[0])
         at = lambda x: base + (_interpolate(sizes, values, x) - base) * (1 + p.per_sample)  # noqa: E731
-        if self.top and b > self.top:
-            return at(self.top) + (at(b) - at(self.top)) * (1 + p.beyond)
+        if p.pivot and b > p.pivot:
+            return at(p.pivot) + (at(b) - at(p.pivot)) * (1 + p.beyond)
         return at(b)
+
+    def fits(self, b: int) -> bool:
+        pressure = self._scaled(self.curves.allocated, b) + LARGEST_FRACTION * self._scaled(self.curves.largest, b)
+        return pressure <= self.threshold
+
+    def exact(self) -> int:
+        """This card's exact limit: the largest size that runs."""
+        b = 1
+        while self.fits(b + 1):
+            b += 1
+        return b
 
     def run(self, b: int) -> Trial:
         c, p = self.curves, self.perturbation
@@ -160,11 +171,10 @@ class Card:
         largest = self._scaled(c.largest, b)
         excess = (_interpolate(c.sizes, c.ratio, b) - 1) * (1 + p.cache)
         self.seconds += self.overhead_s + self.watch_s
-        if allocated + LARGEST_FRACTION * largest > self.threshold:
+        if not self.fits(b):
             self.seconds += c.seconds(b)  # fails in its first step
             return Trial(b, False)
         self.seconds += self.steps * c.seconds(b)
-        self.top = max(self.top, b)
         noisy = lambda x: round(x * (1 + self.rng.uniform(-p.noise, p.noise)))  # noqa: E731
         reserved = min(allocated * (1 + max(excess, 0.0)), c.capacity)
         return Trial(b, True, noisy(allocated), noisy(reserved), c.seconds(b), largest_alloc=noisy(largest))
@@ -176,6 +186,8 @@ class Replay:
 
     outcome: SearchOutcome
     seconds: float
+    exact: int
+    """The replayed card's exact limit."""
 
     @property
     def sizes(self) -> list[int]:
@@ -202,13 +214,14 @@ def fastest_peer(case: Case) -> tuple[str, float]:
     return best["finder"], best["seconds"]
 
 
-def replay(case: Case, perturbation: Perturbation = Perturbation(), seed: int = 0) -> Replay:
-    """The search as the probe runs it (same start, margin, rounding) on the replayed card."""
+def replay(case: Case, perturbation: Perturbation = Perturbation(), seed: int = 0, steps: int | None = None) -> Replay:
+    """The search as the probe runs it (same start, margin, rounding) on the replayed card;
+    `steps` a trial (default: the probe's)."""
     config = ProbeConfig()
     card = Card(
         Curves.load(case),
         perturbation,
-        config.steps_per_trial,
+        steps or config.steps_per_trial,
         recorded_overhead(case),
         case.watch_s,
         random.Random(seed),
@@ -221,27 +234,46 @@ def replay(case: Case, perturbation: Perturbation = Perturbation(), seed: int = 
         rounding=config.rounding,
         max_trials=config.max_trials,
     )
-    return Replay(outcome, card.seconds)
+    return Replay(outcome, card.seconds, card.exact())
 
 
-def perturbations(runs: int, seed: int) -> list[Perturbation]:
-    """The eight corners of the perturbation box, then random ones inside it, `runs` in all."""
-    corners = [Perturbation(a, b, c, 0.01) for a in (-0.10, 0.10) for b in (-0.25, 0.25) for c in (-0.30, 0.30)]
+PIVOTS = (8, 32, 128)
+"""Where the searches jump from: the corners bend the curve there."""
+
+
+def perturbations(case: Case, runs: int, seed: int) -> list[Perturbation]:
+    """The corners of the perturbation box at each pivot below half the limit, then random ones
+    inside it (pivot log-uniform from 4 to half the limit): `runs` in all, or the corners."""
+    corners = [
+        Perturbation(a, b, c, 0.01, pivot)
+        for pivot in PIVOTS
+        if pivot < case.exact / 2
+        for a in (-0.10, 0.10)
+        for b in (-0.25, 0.25)
+        for c in (-0.30, 0.30)
+    ]
     rng = random.Random(seed)
     inside = [
-        Perturbation(rng.uniform(-0.1, 0.1), rng.uniform(-0.25, 0.25), rng.uniform(-0.3, 0.3), 0.01)
+        Perturbation(
+            rng.uniform(-0.1, 0.1),
+            rng.uniform(-0.25, 0.25),
+            rng.uniform(-0.3, 0.3),
+            0.01,
+            4 * (case.exact / 8) ** rng.random(),
+        )
         for _ in range(max(0, runs - len(corners)))
     ]
-    return (corners + inside)[:runs] if runs >= len(corners) else corners
+    return corners + inside
 
 
-def summary(runs: int = 100, seed: int = 0) -> list[dict[str, Any]]:
+def summary(runs: int = 100, seed: int = 0, steps: int | None = None) -> list[dict[str, Any]]:
     """One row a case: the recorded card's replay, the peers, and the perturbed runs."""
     rows = []
     for case in CASES:
-        base = replay(case)
+        base = replay(case, steps=steps)
         peer, peer_s = fastest_peer(case)
-        perturbed = [replay(case, p, seed + i) for i, p in enumerate(perturbations(runs, seed))]
+        perturbed = [replay(case, p, seed + i, steps) for i, p in enumerate(perturbations(case, runs, seed))]
+        off = [abs((r.outcome.predicted_limit or 0) / r.exact - 1) for r in perturbed]
         rows.append(
             {
                 "case": case.name,
@@ -259,6 +291,8 @@ def summary(runs: int = 100, seed: int = 0) -> list[dict[str, Any]]:
                 "trials": Counter(len(r.sizes) for r in perturbed),
                 "oom_runs": sum(r.ooms > 0 for r in perturbed),
                 "answers": Counter(r.outcome.recommended for r in perturbed),
+                "within_3": sum(o <= 0.03 for o in off),
+                "worst_limit": max(off),
                 "median_s": statistics.median(r.seconds for r in perturbed),
                 "max_s": max(r.seconds for r in perturbed),
             }
@@ -268,11 +302,12 @@ def summary(runs: int = 100, seed: int = 0) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=100, help="perturbed runs a case (at least 8)")
+    parser.add_argument("--runs", type=int, default=100, help="perturbed runs a case (the corners at least)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="steps a trial (default: the probe's)")
     args = parser.parse_args()
-    rows = summary(args.runs, args.seed)
-    steps = ProbeConfig().steps_per_trial
+    rows = summary(args.runs, args.seed, args.steps)
+    steps = args.steps or ProbeConfig().steps_per_trial
     print(f"replay on recorded H200 curves; {steps} step(s) a trial; time = steps × step + overhead + watch")
     print("| case | trials (sizes) | OOM | answer | predicted limit (exact) | modelled s | fastest peer | ratio |")
     print("|---|---|---|---|---|---|---|---|")
@@ -284,14 +319,17 @@ def main() -> None:
             f"{r['seconds']:.2f} | {r['peer']} {r['peer_s']:.2f} | {r['ratio']:.2f} |"
         )
     print()
-    print("| case | perturbed runs | runs with an OOM | trials: runs | answers: runs | median s | max s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| case | perturbed runs | runs with an OOM | trials: runs | answers: runs | limit within 3% "
+        "| worst limit | median s | max s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         trials = ", ".join(f"{k}: {v}" for k, v in sorted(r["trials"].items()))
         answers = ", ".join(f"{k}: {v}" for k, v in sorted(r["answers"].items()))
         print(
-            f"| {r['case']} | {r['runs']} | {r['oom_runs']} | {trials} | {answers} | "
-            f"{r['median_s']:.2f} | {r['max_s']:.2f} |"
+            f"| {r['case']} | {r['runs']} | {r['oom_runs']} | {trials} | {answers} | {r['within_3']} | "
+            f"{r['worst_limit']:.1%} | {r['median_s']:.2f} | {r['max_s']:.2f} |"
         )
     print()
     for r in rows:

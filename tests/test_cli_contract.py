@@ -35,7 +35,7 @@ MODELS = textwrap.dedent(
             super().__init__()
             self.fc, self.error = nn.Linear(64, 10), error
         def forward(self, x):
-            if x.shape[0] >= 8:
+            if x.shape[0] >= 16:
                 raise self.error
             return self.fc(x)
 
@@ -161,9 +161,9 @@ def test_ctrl_c_is_exit_130_with_the_trials_done(models, tmp_path, command):
     assert "Traceback" not in result.output and "interrupted" in result.stderr
     data = json.loads(report.read_text())
     assert data["interrupted"] is True
-    if command == "probe":  # 1, 2 and 4 ran before the interrupt at 8
-        assert [t["batch_size"] for t in data["trials"]] == [1, 2, 4]
-        assert "batch      4: fitted" in result.stderr
+    if command == "probe":  # 4 and 8 ran before the interrupt at 16
+        assert [t["batch_size"] for t in data["trials"]] == [4, 8]
+        assert "batch      8: fitted" in result.stderr
 
 
 def test_json_byte_counts_are_integers(models):

@@ -151,9 +151,9 @@ def test_sample_forms(model, sample):
     assert result.per_sample_allocated_bytes and result.per_sample_allocated_bytes > 0
 
 
-def test_batchnorm_model_starts_at_two(cnn):
+def test_batchnorm_model_never_runs_one(cnn):
     result = find_batch_size(cnn, torch.randn(3, 16, 16), memory="128MiB")
-    assert result.trials[0].batch_size == 2
+    assert result.trials[0].batch_size == 4 and min(t.batch_size for t in result.trials) >= 2
 
 
 def test_bf16_uses_less_activation_memory():
@@ -203,7 +203,7 @@ def test_nothing_fits_is_one_clear_error():
     [
         ({"margin": 1.0}, "margin=1.0"),
         ({"margin": -0.1}, "margin=-0.1"),
-        ({"steps_per_trial": 1}, "steps_per_trial=1"),
+        ({"steps_per_trial": 0}, "steps_per_trial=0"),
         ({"precision": "fp8"}, "precision='fp8'"),
         ({"memory": "lots"}, "memory size 'lots'"),
         ({"base_lr": -1.0}, "base_lr=-1.0"),

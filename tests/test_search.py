@@ -160,8 +160,24 @@ def ledger_with(*trials: tuple[int, float | None], budget_mb: int = 800, roundin
     return ledger
 
 
-def test_move_start():
-    assert next_move(Ledger(budget=MB, cap=2**40, start=2)) == Move(2, "start", "doubling")
+def test_move_start_where_the_line_is_fitted():
+    """Sizes below 4 are never fitted once two at 4 or more exist: the search starts at 4."""
+    move = next_move(Ledger(budget=MB, cap=2**40, start=2))
+    assert (move.batch_size, move.phase) == (4, "doubling") and move.reason.startswith("start")
+    assert next_move(Ledger(budget=MB, cap=3, start=1)).batch_size == 3  # max_batch_size caps it
+
+
+def test_move_halves_down_to_the_smallest_size_while_nothing_fits():
+    ledger = ledger_with((4, None))
+    move = next_move(ledger)
+    assert (move.batch_size, move.phase) == (2, "doubling") and move.reason.startswith("halve")
+    ledger.record(move, Trial(batch_size=2, ok=True, peak_allocated=500 * MB, peak_reserved=500 * MB))
+    assert next_move(ledger).batch_size is None  # 2 fits, 4 does not: nothing to double into
+    assert next_move(ledger_with((4, None), (2, None), (1, None))).batch_size is None
+    batchnorm = Ledger(budget=800 * MB, cap=2**40, start=2)  # BatchNorm cannot train on one example
+    for b in (4, 2):
+        batchnorm.record(next_move(batchnorm), Trial(batch_size=b, ok=False))
+    assert next_move(batchnorm).batch_size is None
 
 
 def test_move_double_until_two_points_at_four_or_more():
@@ -187,6 +203,13 @@ def test_move_second_point_after_a_missed_jump():
 def test_move_bisects_a_bracket():
     move = next_move(ledger_with((4, 104), (8, 108), (64, 164), (640, None), rounding="none"))
     assert move.batch_size == 352 and move.reason == "bisect: the middle of the bracket"  # (64 + 640) // 2
+
+
+def test_move_no_closing_point_after_a_jump_the_line_predicted():
+    jump = Move(512, "the memory line's largest size within the budget", "jumping", 612 * MB, 612 * MB)
+    moves = [Move(b, "test", "doubling") for b in (4, 8)] + [jump]
+    ledger = ledger_with((4, 104), (8, 108), (512, 620), moves=moves)  # 1.3% off: confirmed
+    assert next_move(ledger).batch_size is None
 
 
 def test_move_stops_when_nothing_is_left_to_gain_then_closes_and_is_done():
