@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchfit.limit import FIT_MIN_BATCH, FIT_SPAN, fit_key, predict_limit
-from batchfit.memory import MemoryLine, round_batch
+from batchfit.memory import MemoryLine, fit_line, round_batch
 from batchfit.memory import budget as memory_budget
 from batchfit.result import Trial
 
@@ -88,6 +88,8 @@ class Ledger:
     phase: str = "doubling"
     """'doubling' until the line is known, 'jumping' to its answer, 'closing' for a last point."""
     last: Move | None = None
+    asked: int | None = None
+    """The pricing variant's batch asked (`next_price_move`)."""
 
     def record(self, move: Move, trial: Trial) -> None:
         self.trials[trial.batch_size] = trial
@@ -239,12 +241,7 @@ def search(
     """
     cap = max_batch_size or _UNBOUNDED
     ledger = Ledger(budget=memory_budget(capacity, margin), cap=cap, rounding=rounding, start=start)
-    while len(ledger.order) < max_trials:
-        move = next_move(ledger)
-        if move.batch_size is None:
-            break
-        log.debug("trial at %d: %s", move.batch_size, move.reason)
-        ledger.record(move, run(move.batch_size))
+    drive(ledger, run, next_move, max_trials)
 
     order, trials = ledger.order, ledger.trials
     line = fit_trials(order)
@@ -275,6 +272,73 @@ def search(
         trials=order,
         budget=ledger.budget,
     )
+
+
+def drive(ledger: Ledger, run: Callable[[int], Trial], decide: Callable[[Ledger], Move], max_trials: int) -> None:
+    """Run the moves `decide` (`next_move`, `next_price_move`) picks until it stops."""
+    while len(ledger.order) < max_trials:
+        move = decide(ledger)
+        if move.batch_size is None:
+            break
+        log.debug("trial at %d: %s", move.batch_size, move.reason)
+        ledger.record(move, run(move.batch_size))
+
+
+# The pricing variant (the lever table's): from the batch asked down to a size within the budget,
+# then the line through the two trials nearest the limit, refined to within 1/16.
+PRICE_REFINES = 3
+PRICE_PRECISION = 16
+PRICE_GROWTH = 8
+
+
+def next_price_move(ledger: Ledger) -> Move:
+    """The pricing variant's next batch size and why, from `ledger.asked` down to `ledger.start`
+    (the smallest size the model runs) at most. Pure, as `next_move` is."""
+    if not ledger.order:
+        return Move(ledger.asked, "price: the batch asked", "descending")
+    best, last = ledger.verified(), ledger.order[-1]
+    if not best:
+        if last.batch_size > ledger.start:
+            half = max(ledger.start, last.batch_size // 2)
+            return Move(half, "price: halve to a size within the budget", "descending")
+        return Move(None, "price: not even the smallest size fits", "descending")
+    ran = sorted({t.batch_size for t in ledger.order if t.ok})
+    seconds = [m for m in ledger.moves.values() if m.phase == "second"]
+    if len(ran) < 2 and not seconds:
+        other = max(ledger.start, best // 2) if best > ledger.start else best * 2
+        return Move(other, "price: a second point for the memory line", "second")
+    if sum(m.phase == "refining" for m in ledger.moves.values()) >= PRICE_REFINES:
+        return Move(None, "price: refined enough", "refining")
+    guess = _price_refine(ledger, best, ran)
+    if guess is None:
+        return Move(None, "price: within 1/16 of the answer, or nothing new to try", "refining")
+    return Move(guess, "price: the line through the trials nearest the limit meets the budget", "refining")
+
+
+def _price_refine(ledger: Ledger, best: int, ran: list[int]) -> int | None:
+    """Where the line through the largest size within the budget and its nearest neighbour that
+    ran meets the budget, inside the bracket; None once the bracket is within 1/16."""
+    ceiling = min((b for b in ledger.trials if b > best), default=None)
+    if ceiling is not None and ceiling - best <= max(1, best // PRICE_PRECISION):
+        return None
+    above, below = [b for b in ran if b > best], [b for b in ran if b < best]
+    partner = above[0] if above else below[-1] if below else None
+    if partner is None:
+        return None
+    line = fit_line([(b, ledger.trials[b].peak_reserved) for b in (best, partner)])
+    # A flat line (a tiny model, whole 2 MiB blocks) predicts no end: grow by 8x at most.
+    guess = min(line.max_batch(ledger.budget), PRICE_GROWTH * best)
+    if ceiling is not None:
+        guess = min(guess, ceiling - 1)
+    return None if guess <= best or guess in ledger.trials else guess
+
+
+def price(run: Callable[[int], Trial], budget: int, batch_size: int, smallest: int = 1) -> Ledger:
+    """The lever table's search for one variant: its trials at `batch_size` and below, in a ledger
+    (`verified()`: the largest size within `budget`, unrounded)."""
+    ledger = Ledger(budget=budget, cap=_UNBOUNDED, rounding="none", start=smallest, asked=batch_size)
+    drive(ledger, run, next_price_move, max_trials=40)
+    return ledger
 
 
 def _bisect(

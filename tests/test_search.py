@@ -222,3 +222,28 @@ def test_move_stops_when_nothing_is_left_to_gain_then_closes_and_is_done():
     assert (move.batch_size, move.phase) == (256, "closing") and "near the top" in move.reason
     closing.record(move, Trial(batch_size=256, ok=True, peak_allocated=356 * MB, peak_reserved=356 * MB))
     assert next_move(closing) == Move(None, "done", "closing")
+
+
+# The pricing variant (the lever table's): the batch asked, down by halves, a second point, refine.
+from batchfit.search import next_price_move, price  # noqa: E402
+
+
+def test_price_descends_from_the_batch_asked_then_refines_on_the_line():
+    run, calls = device(1 * GB, 0.1 * GB, 40 * GB)  # budget 32 GB: 310 fits, 311 does not
+    ledger = price(run, 32 * GB, 1000)
+    assert calls[:4] == [1000, 500, 250, 125]  # asked, halves until one fits (the two above: OOM), a second point
+    assert [ledger.moves[b].phase for b in calls[:4]] == ["descending", "descending", "descending", "second"]
+    assert ledger.verified() >= 310 - 310 // 16 and ledger.verified() in calls
+
+
+def test_price_move_reasons():
+    ledger = Ledger(budget=800 * MB, cap=2**40, rounding="none", start=1, asked=64)
+    assert next_price_move(ledger) == Move(64, "price: the batch asked", "descending")
+    ledger.record(
+        next_price_move(ledger), Trial(batch_size=64, ok=True, peak_allocated=400 * MB, peak_reserved=400 * MB)
+    )
+    move = next_price_move(ledger)  # 64 fits and is the only point: a second one below it
+    assert (move.batch_size, move.phase) == (32, "second")
+    nothing = Ledger(budget=MB, cap=2**40, rounding="none", start=2, asked=2)
+    nothing.record(next_price_move(nothing), Trial(batch_size=2, ok=False))
+    assert next_price_move(nothing).batch_size is None
