@@ -130,7 +130,7 @@ really picks, and its memory a sample, are recorded by `python scripts/gpu_check
 
 
 SHARDED = """
-## Sharded training (FSDP2, issue 17; not yet on a card)
+## Sharded training (FSDP2, issue 17)
 
 Per-rank peak of the offline estimate (`batchfit.sharded.estimate_sharded`: torch's fake process
 group, the simulated card) against torch's own `FSDPMemTracker` under the same fake group, two
@@ -156,6 +156,16 @@ FSDPMemTracker, summing tensors rounded to 512 B, does not; at batch 4 the two a
 A real 2-rank gloo run on CPU (`device="cpu"`, real arithmetic, the same tracker) agreed with the
 fake run within 2% per rank (tests/test_sharded.py; 0.01% when measured while building it).
 `python scripts/gpu_check.py --fsdp` measures the same on a card: world 1, and 2 gloo ranks sharing it.
+
+On a card (one H200, torch 2.11, `python scripts/gpu_check.py --fsdp`; trace in
+tests/data/calibration/h200_fsdp_gpt2_seq1024_adamw.json): GPT-2 small, seq 1024, fp32, AdamW,
+`fully_shard` on each block and the root, beside the offline estimate for the same world size and
+capacity (per rank, allocated):
+
+| world | answer, card / estimate | per sample, card / estimate | fixed, card / estimate | trials (both) |
+|---|---|---|---|---|
+| 1 (nccl, the whole card) | 32 / 32 | 1694.5 / 1694.5 MiB (-0.0%) | 1642.1 / 1641.1 MiB (-0.1%) | 1, 2, 4, 8, 32 |
+| 2 (gloo, two ranks sharing the card, half each; lockstep) | 16 / 16 | 1694.4 / 1693.1 MiB (-0.1%) | 980.9 / 993.3 MiB (+1.3%) | 1, 2, 4, 8, 16 |
 """
 
 

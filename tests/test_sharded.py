@@ -278,3 +278,26 @@ def test_the_lever_table_prices_sharding_where_weights_dominate():
     assert (sharded.name, both.name) == ("FSDP over 8", "FSDP over 8 + checkpointing")
     assert sharded.fits > asked.fits  # weights, gradients and AdamW state split eight ways
     assert all(t.ok and t.peak_reserved <= table.budget_bytes for t in sharded.trials if t.batch_size == sharded.fits)
+
+
+def test_the_estimate_matches_the_h200s_sharded_trials():
+    """The recorded H200 run (world 2 over gloo, each rank capped at half the card): the offline
+    estimate's per-rank peak allocated at the same batch sizes within 2%."""
+    import json
+
+    from batchfit.models import build
+    from batchfit.optimizers import OPTIMIZERS
+    from batchfit.sharded import estimate_sharded
+
+    trace = json.loads((Path(__file__).parent / "data/calibration/h200_fsdp_gpt2_seq1024_adamw.json").read_text())
+    rank0 = trace["ranks"]["fsdp_rank0_world2"]["result"]
+    real = {t["batch_size"]: t["peak_allocated_bytes"] for t in rank0["trials"] if t["status"] == "fitted"}
+    spec = build("gpt2", seq_len=1024, on_meta=True)
+    estimate = estimate_sharded(
+        spec.model, spec.sample, [2], optimizer=OPTIMIZERS["adamw"], memory=rank0["capacity_bytes"],
+        max_batch_size=4,
+    ).results[2]  # fmt: skip
+    compared = [t for t in estimate.trials if t.ok and t.batch_size in real]
+    assert compared
+    for trial in compared:
+        assert trial.peak_allocated == pytest.approx(real[trial.batch_size], rel=0.02), trial.batch_size
