@@ -164,8 +164,8 @@ capacity (per rank, allocated):
 
 | world | answer, card / estimate | per sample, card / estimate | fixed, card / estimate | trials (both) |
 |---|---|---|---|---|
-| 1 (nccl, the whole card) | 32 / 32 | 1694.5 / 1694.5 MiB (-0.0%) | 1642.1 / 1641.1 MiB (-0.1%) | 1, 2, 4, 8, 32 |
-| 2 (gloo, lockstep, half the card each) | 16 / 16 | 1694.4 / 1693.1 MiB (-0.1%) | 980.9 / 993.3 MiB (+1.3%) | 1, 2, 4, 8, 16 |
+| 1 (nccl, whole card) | 32 / 32 | 1694.5 / 1694.5 MiB (-0.0%) | 1642.1 / 1641.1 MiB (-0.1%) | 1, 2, 4, 8, 32 |
+| 2 (gloo, half the card each) | 16 / 16 | 1694.4 / 1693.1 MiB (-0.1%) | 980.9 / 993.3 MiB (+1.3%) | 1, 2, 4, 8, 16 |
 """
 
 
