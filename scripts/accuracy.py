@@ -126,6 +126,13 @@ memory-efficient kernel (fp32: flash and cuDNN take fp16/bf16 only; a mask: neve
 keeps a logsumexp instead (docs/design.md, "Attention"). GPT-2 (bf16, the calibrated case above)
 is unchanged: its 12 calls are flash's on the card as they were CPU flash's. Which backend a card
 really picks, and its memory a sample, are recorded by `python scripts/gpu_check.py --attention`.
+
+On a card (one H200, torch 2.11, `python scripts/gpu_check.py --attention`; trace in
+tests/data/calibration/h200_attention_check.json), allocated a sample, card / estimate: t5-small seq
+512 fp32 688.9 / 688.9 MiB (card: 12 calls math, 6 memory-efficient; the rules for torch 2.11
+agree call by call); gpt2 seq 1024 bf16 1404.9 / 1404.7 MiB and bert-base seq 512 bf16 198.0 /
+198.0 MiB (card: cuDNN for every call, the rules said flash: the choice differs, the memory does
+not); llama-1b seq 2048 bf16: cuDNN on both, memory not reached in the time budget.
 """
 
 
