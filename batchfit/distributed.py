@@ -214,7 +214,7 @@ def refuse_unsupported(model: nn.Module | None, config: ProbeConfig) -> None:
             "FullyShardedDataParallel (FSDP1) is not supported: batchfit sizes FSDP2 models "
             "(torch.distributed.fsdp.fully_shard)"
         )
-    meshes = {getattr(p, "device_mesh", None) for p in model.parameters()} - {None}
+    meshes = [mesh for p in model.parameters() if (mesh := getattr(p, "device_mesh", None)) is not None]
     if any(mesh.ndim > 1 for mesh in meshes):
         raise ValueError(
             "a 2-D device mesh (HSDP, or FSDP with tensor parallelism) is not supported yet: batchfit "

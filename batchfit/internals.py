@@ -59,7 +59,7 @@ def resizes_followed(on_resize: Callable[[torch.UntypedStorage], None]) -> Itera
         on_resize(storage)
         return out
 
-    torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+    torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

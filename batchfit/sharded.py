@@ -199,8 +199,9 @@ def _each(
     for result in results:
         if on_start is not None:
             on_start(_Described(result.device))
-        for trial in result.trials if on_trial is not None else ():
-            on_trial(trial)
+        if on_trial is not None:
+            for trial in result.trials:
+                on_trial(trial)
     return results
 
 
