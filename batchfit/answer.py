@@ -11,12 +11,13 @@ from typing import Any
 
 from batchfit.config import ProbeConfig
 from batchfit.device import Device
+from batchfit.limit import reserved_model
 from batchfit.lr import scale_lr
 from batchfit.memory import round_batch
 from batchfit.objective import goodput_batch_size, throughput_knee
 from batchfit.plan import plan_global_batch
 from batchfit.result import Result
-from batchfit.search import SearchOutcome, reserved_model
+from batchfit.search import SearchOutcome
 
 
 def finish(

@@ -16,9 +16,12 @@ Fitted to two real H200 traces (docs/accuracy.md), any fraction from 1/3 to 2/3 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchfit.memory import MemoryLine, fit_line
+
+if TYPE_CHECKING:
+    from batchfit.result import Trial
 
 LARGEST_FRACTION = 0.5
 # Trials below this size can peak in optimizer.step() rather than in backward, which bends
@@ -87,3 +90,28 @@ def before_first_oom(trials: Sequence[Mapping[str, Any]]) -> list[Mapping[str, A
     """The trials a probe ran before its first out-of-memory error: all below the limit."""
     cut = next((i for i, t in enumerate(trials) if t.get("status") != "fitted"), len(trials))
     return list(trials[:cut])
+
+
+def fit_trials(trials: list[Trial], key: str = "peak_reserved") -> MemoryLine | None:
+    """The memory line of `key` ('peak_reserved', 'peak_allocated') through the trials that
+    describe large batches: the limit model's own selection (`limit.fit_key`)."""
+    return fit_key([t.to_dict() for t in trials], f"{key}_bytes")
+
+
+def reserved_model(trials: list[Trial]) -> MemoryLine | None:
+    """Peak reserved memory as the allocated line times the cache's overhead at the largest trial.
+
+    Reserved grows in whole segments (2 and 20 MiB, or one per large tensor), so a line fitted
+    to reserved peaks of small batches is steppy and can be far too flat; allocated memory is
+    smooth. The caching allocator keeps a roughly constant fraction more than is allocated far
+    from the cap (18-21% for ResNet-50 on an H200, docs/design.md), so the search plans its jumps
+    with allocated × that fraction, and falls back to the reserved line where no allocated
+    peak was measured.
+    """
+    allocated = fit_trials(trials, "peak_allocated")
+    ok = [t for t in trials if t.ok and t.peak_allocated > 0]
+    if allocated is None or allocated.per_sample <= 0 or not ok:
+        return fit_trials(trials)
+    top = max(ok, key=lambda t: t.batch_size)
+    overhead = max(1.0, top.peak_reserved / top.peak_allocated)
+    return MemoryLine(fixed=allocated.fixed * overhead, per_sample=allocated.per_sample * overhead)

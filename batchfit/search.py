@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from batchfit.limit import FIT_MIN_BATCH, FIT_SPAN, fit_key, predict_limit
+from batchfit.limit import FIT_MIN_BATCH, FIT_SPAN, fit_trials, predict_limit, reserved_model
 from batchfit.memory import MemoryLine, fit_line, round_batch
 from batchfit.memory import budget as memory_budget
 from batchfit.result import Trial
@@ -41,31 +41,6 @@ class SearchOutcome:
     budget: int
     """Bytes a recommendation may peak at, (1 - margin) × capacity: computed here once, read by
     everything after the search (the answer, its notes, the plot)."""
-
-
-def fit_trials(trials: list[Trial], key: str = "peak_reserved") -> MemoryLine | None:
-    """The memory line of `key` ('peak_reserved', 'peak_allocated') through the trials that
-    describe large batches: the limit model's own selection (`limit.fit_key`)."""
-    return fit_key([t.to_dict() for t in trials], f"{key}_bytes")
-
-
-def reserved_model(trials: list[Trial]) -> MemoryLine | None:
-    """Peak reserved memory as the allocated line times the cache's overhead at the largest trial.
-
-    Reserved grows in whole segments (2 and 20 MiB, or one per large tensor), so a line fitted
-    to reserved peaks of small batches is steppy and can be far too flat; allocated memory is
-    smooth. The caching allocator keeps a roughly constant fraction more than is allocated far
-    from the cap (18-21% for ResNet-50 on an H200, docs/design.md), so the search plans its jumps
-    with allocated × that fraction, and falls back to the reserved line where no allocated
-    peak was measured.
-    """
-    allocated = fit_trials(trials, "peak_allocated")
-    ok = [t for t in trials if t.ok and t.peak_allocated > 0]
-    if allocated is None or allocated.per_sample <= 0 or not ok:
-        return fit_trials(trials)
-    top = max(ok, key=lambda t: t.batch_size)
-    overhead = max(1.0, top.peak_reserved / top.peak_allocated)
-    return MemoryLine(fixed=allocated.fixed * overhead, per_sample=allocated.per_sample * overhead)
 
 
 def _conforms(batch_size: int, rounding: str) -> bool:
