@@ -224,10 +224,16 @@ def test_lightning_batch_attribute_holds_each_trials_size(tmp_path):
 def test_lightning_max_trials_never_lowers_the_size_without_evidence(tmp_path, max_trials):
     module, _, callback, trainer, _ = _lightning_case(tmp_path, holder="module", max_trials=max_trials)
     trainer.fit(module)
-    assert module.batch_size == 2
+    # Never lowered without evidence; raised only to a size a trial verified (the search starts at 4).
+    assert module.batch_size >= 2
     assert (callback.result is None) == (max_trials == 0)
     if max_trials:  # issue 18 case 19: one answer, the module's and the result's
-        assert callback.result.recommended_batch_size == 2 and "kept batch_size=2" in callback.result.notes[-1]
+        assert callback.result.recommended_batch_size == module.batch_size
+        assert module.batch_size in {t.batch_size for t in callback.result.trials if t.ok} | {2}
+        if module.batch_size == 2:
+            assert "kept batch_size=2" in callback.result.notes[-1]
+    else:
+        assert module.batch_size == 2
 
 
 @pytest.mark.parametrize("mode", ["eval", "both"])
