@@ -18,10 +18,10 @@ import time
 
 import torch
 import torch.distributed as dist
+from test_sharded import text_sample, tiny_gpt2
 
 import batchfit
 from batchfit.sharded import default_shard
-from tests.test_sharded import text_sample, tiny_gpt2
 
 
 def adamw(params):

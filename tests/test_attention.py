@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_hf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from batchfit.device.sim.attention import (
@@ -22,7 +23,6 @@ from batchfit.device.sim.attention import (
     flash_refusal,
 )
 from batchfit.device.sim.sdpa import AttentionRouter
-from tests.conftest import needs_hf
 
 H100 = CudaBuild((9, 0), cudnn=92400, cuda=(13, 0))
 A100 = CudaBuild((8, 0), cudnn=92400, cuda=(13, 0))

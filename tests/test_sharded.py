@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
-from tests.conftest import WORKSPACES, needs_hf
+from conftest import WORKSPACES, needs_hf
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
@@ -135,7 +134,7 @@ def test_the_users_model_is_not_touched_and_bad_input_is_one_line():
 
 
 def run_ranks(*args: str, world: int = 2, timeout: float = 240):
-    from tests.test_distributed import launch
+    from test_distributed import launch
 
     return launch(list(args), world, timeout=timeout, worker=Path(__file__).with_name("fsdp_worker.py"))
 
@@ -229,8 +228,9 @@ def test_cli_estimates_each_world_size_in_processes_side_by_side(tmp_path):
     import subprocess
     import sys
 
+    from conftest import module_file, run_cli
+
     from batchfit.sharded import estimate_sharded
-    from tests.conftest import module_file, run_cli
 
     path = module_file(
         tmp_path,
