@@ -26,6 +26,11 @@ MODELS = textwrap.dedent(
     def tiny():
         return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)), torch.randn(64)
 
+    def slow():  # still building when Ctrl-C comes, with nothing but torch installed
+        import time
+        time.sleep(60)
+        return tiny()
+
     def wide():  # 64 MiB of weights: a card of 30 MiB cannot hold them
         return nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10)), torch.randn(4096)
 
@@ -120,9 +125,9 @@ def _interrupted_at(seconds: float, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("seconds", [0.3, 1.0])
-def test_ctrl_c_in_the_first_seconds_is_130(seconds):
+def test_ctrl_c_in_the_first_seconds_is_130(models, seconds):
     """Issue 18 case 4: Ctrl-C while importing or building the model was click's 'Aborted!', exit 1."""
-    done = _interrupted_at(seconds, "estimate", "--model", "resnet18", "--memory", "1GiB")
+    done = _interrupted_at(seconds, "estimate", "--model", f"{models}:slow", "--memory", "1GiB")
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr and "Aborted" not in done.stderr and "interrupted" in done.stderr
 
