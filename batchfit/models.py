@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchfit.lever.changes import enable_checkpointing, with_lora
+from batchfit.changes import enable_checkpointing, with_lora
 from batchfit.optional import optional
 
 IMAGE_SHAPE = (3, 224, 224)

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from batchfit.answer import finish
+from batchfit.changes import enable_checkpointing, repeated_blocks, structure_copy
 from batchfit.config import ProbeConfig, check_positive_int
 from batchfit.device import SimulatedDevice, resolve_device
 from batchfit.distributed import refuse_unsupported
 from batchfit.internals import fake_store, fsdp_modules
-from batchfit.lever.changes import enable_checkpointing, repeated_blocks, structure_copy
 from batchfit.memory import format_size
 from batchfit.result import Result
 

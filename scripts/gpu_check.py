@@ -46,7 +46,7 @@ def _capability() -> tuple[int, int] | None:
 
 def lever_check(model: Any, sample: Any, device: Any, common: dict[str, Any], batch: int) -> dict[str, Any]:
     """The lever table's estimate beside real probes of the same variants (checkpointing, frozen base)."""
-    from batchfit.lever.changes import checkpointing, frozen_base
+    from batchfit.changes import checkpointing, frozen_base
 
     table = batchfit.levers(model, sample, batch, device=device, groups=("checkpointing", "frozen"), **common)
     rows = {lever.name: lever.fits for lever in table.levers}

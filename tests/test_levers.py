@@ -11,7 +11,7 @@ from conftest import WORKSPACES, card, linear_stack, needs_hf, needs_peft, needs
 from torch import nn
 
 import batchfit
-from batchfit.lever.changes import (
+from batchfit.changes import (
     checkpointing,
     frozen_base,
     meta_copy,
@@ -348,9 +348,9 @@ def test_an_oom_in_a_checkpointed_backward_leaves_nothing_behind():
     """Found pricing LoRA + checkpointing: the autograd engine kept a failed backward (and the
     activations a checkpointed block had recomputed) until the next backward ran, so the trials
     after an OOM peaked 124 MiB high and the row said 3 where 16 fits (oom.release runs one)."""
+    from batchfit.changes import enable_checkpointing
     from batchfit.config import ProbeConfig
     from batchfit.device import resolve_device
-    from batchfit.lever.changes import enable_checkpointing
     from batchfit.session import holding
 
     model, sample = tiny_gpt2()

@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from batchfit.changes import repeated_blocks
 from batchfit.config import ProbeConfig
-from batchfit.lever.changes import repeated_blocks
 from batchfit.lever.records import Lever
 from batchfit.result import Result
 

@@ -16,9 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchfit.config import Precision, ProbeConfig, check_positive_int
-from batchfit.device import Device, SimulatedDevice, resolve_device, timer
-from batchfit.lever.changes import (
+from batchfit.changes import (
     Change,
     enable_checkpointing,
     freeze_base,
@@ -27,6 +25,8 @@ from batchfit.lever.changes import (
     shorten,
     with_lora,
 )
+from batchfit.config import Precision, ProbeConfig, check_positive_int
+from batchfit.device import Device, SimulatedDevice, resolve_device, timer
 from batchfit.lever.pricing import Pricer, line_of
 from batchfit.lever.records import Lever, LeverTable
 from batchfit.lever.sharding import sharding_rows
