@@ -20,11 +20,12 @@ from batchfit.answer import build_result, finish, with_evaluation
 from batchfit.config import ProbeConfig, check_positive_int
 from batchfit.device import Device, resolve_device, timer
 from batchfit.internals import collectives_on, fsdp_modules
+from batchfit.limit import fit_trials
 from batchfit.memory import budget as memory_budget
 from batchfit.memory import format_size
 from batchfit.result import CheckResult, DoesNotFitError, Result, Trial
 from batchfit.samples import choose, form_hint
-from batchfit.search import SearchOutcome, search
+from batchfit.search import SearchOutcome, price, search
 from batchfit.session import Session, has_batchnorm, holding, model_need
 from batchfit.trial import TrialError, loss_for
 
@@ -202,14 +203,18 @@ def _search(
         run or session.run,
         capacity or session.device.capacity,
         margin=config.margin,
-        # Dynamo specialises size 1: a compiled probe starting there would compile a graph for
-        # size 1 alone, and every frame would recompile at 2.
-        start=2 if has_batchnorm(session.workload.model) or config.compile else 1,
+        start=_smallest(session, config),
         max_batch_size=config.max_batch_size,
         rounding=config.rounding,
         exact=config.exact,
         max_trials=config.max_trials,
     )
+
+
+def _smallest(session: Session, config: ProbeConfig) -> int:
+    """The smallest size a search may run: 2 with BatchNorm (one sample has no batch statistics),
+    and compiled (Dynamo specialises size 1: a graph for size 1 alone, recompiled at 2)."""
+    return 2 if has_batchnorm(session.workload.model) or config.compile else 1
 
 
 @_explaining
@@ -248,13 +253,19 @@ def preflight(
         trial = session.run(batch_size)
         fits = trial.within(budget)
         if not fits and find_largest:
-            largest = 0
-        if largest == 0 and batch_size > 1:
-            # The search below the batch asked, on the same held model: this device's own answer
-            # (a pre-flight check is per device, with no agreement between ranks).
-            below = replace(config, rounding="none", max_batch_size=batch_size - 1, exact=False)
-            outcome = _search(session, below)
-            largest, line = outcome.recommended, outcome.line if outcome.recommended else None
+            # Down from the batch asked, on the same held model, as the lever table prices its
+            # first row (one search, `search.price`): this device's own answer, unrounded (a
+            # pre-flight check is per device, with no agreement between ranks).
+            ran = {batch_size: trial}
+            below = price(
+                lambda b: ran.get(b) or session.run(b),
+                budget,
+                batch_size,
+                _smallest(session, config),
+                config.max_trials,
+            )
+            largest = below.verified()
+            line = fit_trials(below.order) if largest else None
     need, parts = model_need(model, optimizer, dev)
     check = CheckResult(
         batch_size=batch_size,

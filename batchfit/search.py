@@ -308,11 +308,11 @@ def _price_refine(ledger: Ledger, best: int, ran: list[int]) -> int | None:
     return None if guess <= best or guess in ledger.trials else guess
 
 
-def price(run: Callable[[int], Trial], budget: int, batch_size: int, smallest: int = 1) -> Ledger:
-    """The lever table's search for one variant: its trials at `batch_size` and below, in a ledger
-    (`verified()`: the largest size within `budget`, unrounded)."""
+def price(run: Callable[[int], Trial], budget: int, batch_size: int, smallest: int = 1, max_trials: int = 40) -> Ledger:
+    """The search down from a batch asked (the lever table's rows, preflight's largest size): its
+    trials at `batch_size` and below, in a ledger (`verified()`: the largest within `budget`, unrounded)."""
     ledger = Ledger(budget=budget, cap=_UNBOUNDED, rounding="none", start=smallest, asked=batch_size)
-    drive(ledger, run, next_price_move, max_trials=40)
+    drive(ledger, run, next_price_move, max_trials)
     return ledger
 
 

@@ -258,17 +258,18 @@ def _counting(monkeypatch) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.parametrize("exact", [False, True])
-def test_preflight_searches_below_on_the_session_it_checked_on(cnn, monkeypatch, exact):
-    """One held model, the batch asked run once, then the search below it: the answer of a
-    probe capped below the batch, without exact's bisection (its limit is not reported)."""
+def test_preflight_searches_down_from_the_batch_asked_as_the_lever_table_does(cnn, monkeypatch, exact):
+    """One held model, the batch asked run once, then one search down from it: the lever table's
+    pricing search, so preflight's largest size is the table's first row, by the same trials
+    (exact's bisection adds none)."""
     sample, memory = torch.randn(3, 16, 16), card(64)
-    expected = find_batch_size(cnn, sample, memory=memory, rounding="none", max_batch_size=4095)
+    row = batchfit.levers(cnn, sample, 4096, memory=memory, groups=()).levers[0]
     sessions, sizes = _counting(monkeypatch)
     with pytest.raises(batchfit.DoesNotFitError) as info:
         batchfit.preflight(cnn, sample, 4096, memory=memory, exact=exact)
-    assert info.value.check.largest_fitting == expected.recommended_batch_size
+    assert info.value.check.largest_fitting == row.fits > 0
     assert sessions == [1]
-    assert sizes == [4096, *(t.batch_size for t in expected.trials)]
+    assert sizes == [t.batch_size for t in row.trials] and sizes[0] == 4096 and sizes.count(4096) == 1
 
 
 def test_throughput_objective_picks_the_knee_on_real_timing():
