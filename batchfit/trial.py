@@ -195,19 +195,20 @@ class Held:
     params: list[torch.Tensor]
     """The trainable ones among them, each once."""
     steps: int
-    """Optimizer steps a trial takes."""
+    """Training steps a trial takes; 1: one step, the optimizer state made before it (`prime`)."""
 
 
 def run_trial(held: Held, batch_size: int) -> Trial:
     """Train `held.steps` real steps at `batch_size`; an OOM is a result, any other error is raised."""
-    device, workload, steps = held.device, held.workload, held.steps
+    device, workload = held.device, held.workload
     measurement = None
+    steps = 0
     failure: Exception | None = None
     try:
         # Dynamo's counters only for a compiled step: importing them costs a second.
         counting = compiled.counting() if workload.compiled else contextlib.nullcontext(compiled.CompileCount())
         with counting as count, device.measure() as measurement:
-            _train(held, batch_size, measurement)
+            steps = _train(held, batch_size, measurement)
     except Exception as error:
         if workload.sharded:
             reset_after_failure(workload.model)
@@ -230,7 +231,7 @@ def run_trial(held: Held, batch_size: int) -> Trial:
     device.empty_cache()
     if measurement is None:  # out of memory before the first step (the device's fixed memory)
         measurement = Measurement()
-    ok = len(measurement.step_seconds) == steps
+    ok = steps > 0 and len(measurement.step_seconds) == steps
     if workload.compiled:
         workload.compilations += count.compilations
         if ok and not workload.compilations:
@@ -272,13 +273,17 @@ def _user_error(error: Exception, batch_size: int) -> TrialError:
     return wrapped
 
 
-def _train(held: Held, batch_size: int, measurement: Measurement) -> None:
-    """The steps themselves, in a frame of their own so their tensors die with it."""
-    device, workload = held.device, held.workload
+def _train(held: Held, batch_size: int, measurement: Measurement) -> int:
+    """The steps themselves, in a frame of their own so their tensors die with it; returns how
+    many it ran. One step is primed (the optimizer state made before it), or two where it cannot be."""
+    device, workload, steps = held.device, held.workload, held.steps
     batch = workload.batch(device, batch_size)
     optimizer = workload.make_optimizer(held.params) if workload.train else None
+    # An FSDP2 model's gradients are sharded DTensors, which one plain zero cannot stand for.
+    if optimizer is not None and steps < 2 and (workload.sharded or not prime(optimizer, held.params)):
+        steps = 2
     amp = workload.amp_dtype
-    for step in range(held.steps):
+    for step in range(steps):
         start = timer()
         # The first step's allocation watch is a dispatch mode, under which dynamo would not
         # compile: a compiled step goes unwatched.
@@ -296,3 +301,29 @@ def _train(held: Held, batch_size: int, measurement: Measurement) -> None:
                 del loss
             device.synchronize()
         measurement.step_seconds.append(timer() - start)
+    return steps
+
+
+def prime(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> bool:
+    """Make the optimizer's state before the first step, so one step peaks as the second would.
+
+    The state (momentum, Adam's moments) is made lazily by the first `step()`: a trial's first
+    step peaks without it, so a trial runs two. One step on zero gradients makes it through the
+    optimizer's own code (the same tensors, dtypes and sizes) without the forward and backward;
+    weight decay moves the weights a little, as a trial's real steps do, and the probe puts them
+    back as it does theirs. False where the optimizer cannot step so (one that needs a closure):
+    the trial then runs two steps.
+    """
+    zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    for param in params:
+        # A zero-stride view of one scalar: the optimizer reads zeros without gradients' memory.
+        key = (param.dtype, param.device)
+        zero = zeros.setdefault(key, torch.zeros((), dtype=param.dtype, device=param.device))
+        param.grad = zero.expand_as(param)
+    try:
+        optimizer.step()
+    except TypeError:  # LBFGS and its kind: step(closure)
+        return False
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    return True
