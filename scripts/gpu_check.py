@@ -7,11 +7,11 @@ trials before its first OOM) against the exact limit by bisection; the simulated
 same capacity (per sample allocated, predicted limit); 50 training steps at the recommendation;
 for the first model, if time is left, the compiled probe (inductor) beside its simulated estimate;
 for the second, the lever table's checkpointing and frozen-base rows beside real probes of them;
-for each, the peaks of one primed step (optimizer state made before it) against two steps at the
-recommendation (scripts/prime_check.py). A short table is printed last. --out DIR writes
-gpu_check.json after every model and each probe's trace (Result.to_dict() with per-trial
-largest allocation, fragmentation and retries, plus the exact limit) as trace_<model>.json: the
-format of tests/data/calibration, so each GPU run can be added there.
+for each, the peaks of two steps and of one primed step (optimizer state made before it) beside
+eight steps' at the recommendation (scripts/prime_check.py). A short table is printed last.
+--out DIR writes gpu_check.json after every model and each probe's trace (Result.to_dict() with
+per-trial largest allocation, fragmentation and retries, plus the exact limit) as
+trace_<model>.json: the format of tests/data/calibration, so each GPU run can be added there.
 
     python scripts/gpu_check.py --budget-s 420 --out $OUT
     python scripts/gpu_check.py --smoke --out /tmp/gc   # the same script on CPU, small models
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_peers import SUITES, Bench, Case
-from prime_check import compare
+from prime_check import STEADY_STEPS, compare
 
 import batchfit
 from batchfit.device import SimulatedDevice
@@ -99,12 +99,11 @@ def run_case(
         estimate = batchfit.find_batch_size(model, sample, device=card, **common)
         row.update(est_limit=estimate.predicted_limit, est_alloc_mib=(estimate.per_sample_allocated_bytes or 0) / 2**20)
     if time.perf_counter() < deadline:
-        # One primed step (the optimizer state made before it) against two steps, on the card.
-        two, one = compare(model, sample, lambda: device, result.recommended_batch_size, bench.optimizer, loss_fn)
+        # Two steps and one primed step (the optimizer state made before it) against eight.
+        peaks = compare(model, sample, lambda: device, result.recommended_batch_size, bench.optimizer, loss_fn)
         row["prime"] = {
             "batch_size": result.recommended_batch_size,
-            "two_steps": [two.peak_allocated, two.peak_reserved],
-            "one_primed_step": [one.peak_allocated, one.peak_reserved],
+            **{name: [t.peak_allocated, t.peak_reserved] for name, t in peaks._asdict().items()},
         }
     if time.perf_counter() < deadline:
         row["steps_ok"], row["steps_peak_frac"] = bench.survive(result.recommended_batch_size, steps)
@@ -223,8 +222,8 @@ def main() -> None:
         if "prime" in row:
             p = row["prime"]
             print(
-                f"  {row['model']} at {p['batch_size']}: peak allocated / reserved, two steps {p['two_steps']}, "
-                f"one primed step {p['one_primed_step']}"
+                f"  {row['model']} at {p['batch_size']}: peak allocated / reserved, two steps {p['two']}, "
+                f"one primed step {p['primed']}, {STEADY_STEPS} steps {p['steady']}"
             )
         if "levers" in row:
             print(f"  {row['model']} levers (estimate / real probe, no rounding): {row['levers']}")

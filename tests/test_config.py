@@ -29,7 +29,7 @@ def test_each_training_only_option_is_refused_in_eval_mode(name):
         ProbeConfig(mode="eval", **{name: 2})
 
 
-COUNTS = ("max_batch_size", "base_batch_size", "target_global_batch", "max_trials", "scan_items")
+COUNTS = ("steps_per_trial", "max_batch_size", "base_batch_size", "target_global_batch", "max_trials", "scan_items")
 ANYTHING = st.one_of(
     st.integers(min_value=-3, max_value=2**40), st.booleans(), st.none(), st.floats(), st.text(max_size=2)
 )
@@ -63,7 +63,7 @@ def test_check_positive_int_is_the_rule(value, least):
         assert fine
 
 
-@pytest.mark.parametrize("name", [*COUNTS, "steps_per_trial"])
+@pytest.mark.parametrize("name", COUNTS)
 def test_a_bool_is_no_count(name):
     with pytest.raises(ValueError, match=f"{name}=True must be"):
         ProbeConfig(**{name: True})

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-from conftest import card, linear_stack
+from conftest import card, linear_stack, module_file, run_cli
 
 import batchfit
 from batchfit import trial
@@ -82,3 +83,27 @@ def test_a_primed_probe_answers_as_two_steps_and_leaves_the_model_as_it_was(name
     two = batchfit.find_batch_size(model, sample, device="cpu", **common)
     assert primed.recommended_batch_size == two.recommended_batch_size
     assert primed.predicted_limit == pytest.approx(two.predicted_limit, rel=0.02)
+
+
+TINY = """
+import torch
+from torch import nn
+
+
+def tiny():
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)), torch.randn(64)
+"""
+
+
+def test_the_cli_primes_with_steps_per_trial_1_and_refuses_0(tmp_path):
+    model = module_file(tmp_path, "tiny", TINY) + ":tiny"
+    args = ("estimate", "--model", model, "--memory", f"{card(64)}B", "--optimizer", "adamw", "--json", "-")
+    with mock.patch.object(trial, "prime", wraps=trial.prime) as prime:
+        primed = run_cli(*args, "--steps-per-trial", "1")
+        assert primed.exit_code == 0 and prime.call_count == len(json.loads(primed.stdout)["trials"])
+        prime.reset_mock()
+        two = run_cli(*args)
+        assert two.exit_code == 0 and prime.call_count == 0
+    assert json.loads(primed.stdout)["recommended_batch_size"] == json.loads(two.stdout)["recommended_batch_size"]
+    refused = run_cli(*args, "--steps-per-trial", "0")
+    assert refused.exit_code == 2 and "--steps-per-trial" in refused.stderr and "Traceback" not in refused.stderr

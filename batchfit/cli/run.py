@@ -52,6 +52,7 @@ class Run:
                 lr_rule=opts["lr_rule"],
                 noise_scale=opts["noise_scale"],
                 exact=opts["exact"],
+                steps_per_trial=opts["steps_per_trial"],
                 rounding=opts["rounding"],
                 mode=opts["mode"],
                 compile=opts["compile_model"],
