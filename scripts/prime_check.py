@@ -126,7 +126,8 @@ def main() -> None:
                 f"{_gib(peaks.primed)} | {_pct(primed)} | {winner} | {time.perf_counter() - start:.0f} |",
                 flush=True,
             )
-    print(f"\ncloser to {n} steps in reserved: two steps {closer['two']}, primed {closer['primed']}, tie {closer['tie']}")
+    counts = ", ".join(f"{k} {v}" for k, v in closer.items())
+    print(f"\ncloser to {n} steps in reserved: {counts}")
     print(f"{wrong} with the primed step's allocated more than 1% from two steps'")
     sys.exit(1 if wrong else 0)
 

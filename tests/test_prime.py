@@ -45,11 +45,12 @@ def test_one_primed_step_peaks_as_two_steps_allocate(name):
 def test_one_step_without_the_state_peaks_low():
     """What priming is for: where the peak is in backward (activations above the optimizer's own
     temporaries), an unprimed step lacks AdamW's moments, two times the weights."""
-    capacity, sample, weights = card(512), torch.randn(1024), 4 * 1024 * 1024 * 4
+    capacity, weights = card(512), 4 * 1024 * 1024 * 4
+    args = (torch.randn(1024), lambda: SimulatedDevice(capacity), 4096, OPTIMIZERS["adamw"])
     with mock.patch.object(trial, "prime", lambda optimizer, params: True):
-        bare = prime_check.compare(linear_stack(4, 1024), sample, lambda: SimulatedDevice(capacity), 4096, OPTIMIZERS["adamw"])
+        bare = prime_check.compare(linear_stack(4, 1024), *args)
     assert bare.two.peak_allocated - bare.primed.peak_allocated == pytest.approx(2 * weights, rel=0.01)
-    primed = prime_check.compare(linear_stack(4, 1024), sample, lambda: SimulatedDevice(capacity), 4096, OPTIMIZERS["adamw"])
+    primed = prime_check.compare(linear_stack(4, 1024), *args)
     assert primed.primed.peak_allocated == primed.two.peak_allocated == primed.steady.peak_allocated
 
 
@@ -65,7 +66,7 @@ def test_prime_makes_the_state_and_leaves_no_gradient():
 def test_a_closure_optimizer_fails_as_with_two_steps_and_a_timing_objective_runs_two():
     model, sample = linear_stack(2, 64), torch.randn(64)
     for steps in (1, 2):  # LBFGS steps only with a closure: the same one-line error either way
-        with pytest.raises(trial.TrialError, match="LBFGS.step.. missing 1 required positional argument"):
+        with pytest.raises(trial.TrialError, match=r"LBFGS\.step\(\) missing 1 required positional argument"):
             batchfit.find_batch_size(model, sample, optimizer=torch.optim.LBFGS, memory=card(64), steps_per_trial=steps)
     config = ProbeConfig(steps_per_trial=1, objective="throughput")
     with holding(model, sample, SimulatedDevice(card(64)), None, None, config, None) as session:

@@ -180,7 +180,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.IntRange(min=1),
             default=2,
             show_default=True,
-            help="Training steps a trial runs; 1 makes the optimizer state before its one step (faster; docs/design.md).",
+            help="Training steps a trial runs; 1: optimizer state made before its one step (faster; docs/design.md).",
         ),
         click.option(
             "--checkpointing", is_flag=True, help="Checkpoint the model's repeated blocks (activation checkpointing)."
