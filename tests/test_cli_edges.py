@@ -110,14 +110,28 @@ def test_does_not_fit_says_by_how_much(models):
     assert_one_line_error(estimate, 1, "before any batch the model needs at least")
 
 
+def _as_from_a_terminal(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """The command as a shell runs it in the foreground: Ctrl-C (SIGINT) at its default action.
+
+    A test run started in the background (`cmd &`, as CI may start it) ignores SIGINT, and an
+    ignored signal stays ignored across exec: Python then never raises KeyboardInterrupt, as is
+    right for a process its user started that way, and the Ctrl-C tests would wait in vain."""
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
 def _interrupted_at(seconds: float, *args: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchfit", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = _as_from_a_terminal([sys.executable, "-m", "batchfit", *args], env)
     time.sleep(seconds)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -278,7 +292,7 @@ def _stale_rank(models: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": path, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
     env["MASTER_PORT"] = str(port)
     command = [sys.executable, "-m", "batchfit", "estimate", "--model", f"{models}:tiny", "--memory", MEMORY, *extra]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _as_from_a_terminal(command, env)
 
 
 def test_stale_distributed_variables_time_out_naming_them(models):
