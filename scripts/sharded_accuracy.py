@@ -38,6 +38,9 @@ def adamw(params):
 
 
 def reference(factory, sample, world: int, policy, batch: int) -> int:
+    """Peak bytes one rank holds by torch's FSDPMemTracker: two steps of forward, backward and
+    AdamW on a fresh model from `factory`, sharded as batchfit shards it, in a fake group of
+    `world` ranks (tests/test_sharded.py holds the estimate to it)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.device_mesh import init_device_mesh

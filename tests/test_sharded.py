@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from conftest import WORKSPACES, needs_hf
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+import sharded_accuracy
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
@@ -42,33 +46,9 @@ def bf16_policy():
 
 
 def memtracker_peak(world: int, policy, batch: int) -> int:
-    """Peak bytes one rank holds by torch's FSDPMemTracker, two steps of the same training, fake group."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from batchfit.device.sim.tracker import CudaKernelRouting
-    from batchfit.internals import fake_store
-    from batchfit.sharded import default_shard
-
-    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        with FakeTensorMode():
-            model = tiny_gpt2()
-            default_shard(model, mesh, policy)
-            optimizer = adamw(list(model.parameters()))
-            tracker = FSDPMemTracker(model, optimizer)
-            with tracker, CudaKernelRouting():
-                data = {k: v.unsqueeze(0).expand(batch, *v.shape).contiguous() for k, v in text_sample().items()}
-                for _ in range(2):
-                    tracker.reset_mod_stats()  # per-module statistics only; the peak stays
-                    model(**data).loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    finally:
-        dist.destroy_process_group()
+    """Peak bytes one rank holds by torch's FSDPMemTracker, two steps of the same training, fake
+    group: the reference scripts/sharded_accuracy.py prints against (one copy of it)."""
+    return sharded_accuracy.reference(tiny_gpt2, text_sample(), world, policy, batch)
 
 
 @pytest.mark.parametrize("world", [2, 8])
