@@ -8,6 +8,7 @@ failed (a real bug, not memory), 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,6 +18,7 @@ from typing import Any
 
 import click
 
+from batchfit.cli.levers import prepare_table, price_levers
 from batchfit.cli.options import model_options, output_path, world_sizes
 from batchfit.cli.run import (
     EXIT_DOES_NOT_FIT,
@@ -225,24 +227,27 @@ def check(batch_size: int, show_levers: bool | None, world_sizes: tuple[int, ...
     may_price = show_levers is not False and opts["mode"] == "train"
     # On the simulated card the lever table's first row is the largest batch that fits: found once.
     search = not (may_price and run.device_kind == "simulated")
-    try:
-        result = run.call(preflight, batch_size, on_start=run.on_start, find_largest=search)
-        code = 0
-    except DoesNotFitError as error:
-        if error.check is None:  # preflight attaches its measurement; anything else is a failure
+    # The table's helper process (a second core) is forked before the check runs a backward pass here.
+    ahead = prepare_table(run, batch_size) if may_price and run.device_kind != "cuda" else None
+    with ahead.on_two_cores(start=bool(show_levers or opts["plot_path"])) if ahead else contextlib.nullcontext():
+        try:
+            result = run.call(preflight, batch_size, on_start=run.on_start, find_largest=search)
+            code = 0
+        except DoesNotFitError as error:
+            if error.check is None:  # preflight attaches its measurement; anything else is a failure
+                fail(error, run, opts["json_path"])
+                return
+            result, code = error.check, EXIT_DOES_NOT_FIT
+        except FAILURES as error:
             fail(error, run, opts["json_path"])
-            return
-        result, code = error.check, EXIT_DOES_NOT_FIT
-    except FAILURES as error:
-        fail(error, run, opts["json_path"])
-    table, interrupted = None, False
-    if may_price and (show_levers or opts["plot_path"] or code == EXIT_DOES_NOT_FIT):
-        table, interrupted = _levers(run, batch_size, result, world_sizes or ())
-        if not search and code == EXIT_DOES_NOT_FIT and table.levers:
-            asked = table.levers[0]
-            result = dataclasses.replace(result, largest_fitting=asked.fits)
-            if result.peak_reserved_bytes is None and asked.predicted_peak:
-                result = dataclasses.replace(result, needed_bytes=asked.predicted_peak, needed_basis=BY_THE_LINE)
+        table, interrupted = None, False
+        if may_price and (show_levers or opts["plot_path"] or code == EXIT_DOES_NOT_FIT):
+            table, interrupted = price_levers(run, batch_size, result, world_sizes or (), ahead)
+            if not search and code == EXIT_DOES_NOT_FIT and table.levers:
+                asked = table.levers[0]
+                result = dataclasses.replace(result, largest_fitting=asked.fits)
+                if result.peak_reserved_bytes is None and asked.predicted_peak:
+                    result = dataclasses.replace(result, needed_bytes=asked.predicted_peak, needed_basis=BY_THE_LINE)
     data = {"model": run.spec.description, **result.to_dict()}
     if table is not None:
         data["levers"] = table.to_dict()
@@ -261,22 +266,6 @@ def check(batch_size: int, show_levers: bool | None, world_sizes: tuple[int, ...
         click.echo(f"interrupted while pricing the levers: {plural(len(table.levers), 'row')} priced", err=True)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(code)
-
-
-def _levers(run: Run, batch_size: int, check: Any, world_sizes: tuple[int, ...]) -> tuple[Any, bool]:
-    """The lever table for the checked batch, and whether Ctrl-C cut it short (then the rows
-    priced so far: the check's verdict was already reached and is not lost); or a one-line failure."""
-    from batchfit.lever import LeverTable, levers
-
-    run.say("pricing the levers on the simulated card ...")
-    rows: list[Any] = []
-    try:
-        return run.call(levers, batch_size, on_lever=rows.append, world_sizes=world_sizes), False
-    except KeyboardInterrupt:
-        budget = round(check.budget_bytes)
-        return LeverTable(batch_size, check.capacity_bytes, budget, check.device, rows), True
-    except FAILURES as error:
-        fail(error, run, None)
 
 
 @main.command()

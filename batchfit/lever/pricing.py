@@ -1,18 +1,21 @@
 """Pricing one variant: its trials on a fresh simulated card through the search's pricing variant
 (`search.price`): down to a batch within the budget, then the variant's memory line refined
-inside the bracket of what fits and what does not."""
+inside the bracket of what fits and what does not; the cards priced on, and the optimizer rows."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from batchfit.config import ProbeConfig
-from batchfit.device import Device
+from batchfit.device import Device, SimulatedDevice, resolve_device
 from batchfit.memory import MemoryLine, fit_line
+from batchfit.optimizers import DEFAULT_SGD, OPTIMIZERS
 from batchfit.result import Trial
 from batchfit.search import price
 from batchfit.session import has_batchnorm, holding
@@ -65,3 +68,57 @@ def line_of(trials: list[Trial]) -> MemoryLine | None:
         return None
     top = [ran[b] for b in sorted(ran)[-2:]]
     return fit_line([(t.batch_size, t.peak_reserved) for t in top])
+
+
+def optimizers() -> dict[str, tuple[Callable[..., torch.optim.Optimizer] | None, str]]:
+    """The optimizer rows: name -> (factory, cost); None where this torch lacks it."""
+    adafactor = getattr(torch.optim, "Adafactor", None)
+    return {
+        "SGD momentum": (DEFAULT_SGD, "one state tensor a weight; a different optimizer: re-tune the rate"),
+        "AdamW": (OPTIMIZERS["adamw"], "two state tensors a weight"),
+        "AdamW foreach=False": (
+            functools.partial(OPTIMIZERS["adamw"], foreach=False),
+            "slower step (a loop over tensors), no foreach temporaries",
+        ),
+        "Adafactor": (
+            functools.partial(adafactor, lr=1e-2) if adafactor else None,
+            "factored second moment; different dynamics: re-tune the rate",
+        ),
+    }
+
+
+def cards_for(device: Device | str | None, config: ProbeConfig) -> Callable[[], SimulatedDevice]:
+    """Fresh simulated cards to price on, all alike: the one planned for (a name or a size), or
+    one the size of `device` (a CUDA GPU's usable memory), which is asked once."""
+    if config.capacity_bytes is not None:
+        return lambda: resolve_device("simulated", config)  # type: ignore[return-value]
+    resolved = device if isinstance(device, Device) else resolve_device(device, config)
+    if isinstance(resolved, SimulatedDevice):
+        capacity, workspaces, caveat = resolved.capacity, resolved.workspaces, resolved.caveat
+        capability = resolved.capability
+        return lambda: SimulatedDevice(capacity, workspaces=workspaces, caveat=caveat, capability=capability)
+    capacity, name = resolved.capacity, resolved.description.split(" (")[0]
+    # A CUDA GPU's compute capability, for its attention kernels' rules.
+    cuda = resolved.torch_device.type == "cuda"
+    capability = torch.cuda.get_device_capability(resolved.torch_device) if cuda else None
+    return lambda: SimulatedDevice(capacity, name=name, capability=capability)
+
+
+def same_optimizer(factory: Any, optimizer: Any) -> bool:
+    """Whether a row's optimizer is the one asked for (the default is SGD momentum, foreach)."""
+    asked = optimizer if optimizer is not None else DEFAULT_SGD
+    if not (isinstance(factory, functools.partial) and isinstance(asked, functools.partial)):
+        return False
+    return factory.func is asked.func and factory.args == asked.args and factory.keywords == asked.keywords
+
+
+def describe(config: ProbeConfig, optimizer: Any) -> str:
+    """'fp32, AdamW': the precision and the optimizer's class (an instance's, or a partial's)."""
+    made = getattr(optimizer, "func", optimizer)
+    if optimizer is None:
+        label = "SGD momentum (default)"
+    elif isinstance(made, torch.optim.Optimizer):
+        label = type(made).__name__
+    else:
+        label = getattr(made, "__name__", "custom optimizer")
+    return f"{config.precision or 'fp32'}, {label}"

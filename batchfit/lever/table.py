@@ -8,8 +8,9 @@ undone in `finally` (training flags, `requires_grad`, checkpointed forwards).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -26,35 +27,19 @@ from batchfit.changes import (
     with_lora,
 )
 from batchfit.config import Precision, ProbeConfig, check_positive_int
-from batchfit.device import Device, SimulatedDevice, resolve_device, timer
-from batchfit.lever.pricing import Pricer, line_of
+from batchfit.device import Device, SimulatedDevice, timer
+from batchfit.lever.parallel import Helper, Table, Unit, fork_helper
+from batchfit.lever.parallel import price as price_rows
+from batchfit.lever.pricing import Pricer, cards_for, describe, line_of, optimizers, same_optimizer
 from batchfit.lever.records import Lever, LeverTable
 from batchfit.lever.sharding import sharding_rows
 from batchfit.memory import budget as memory_budget
-from batchfit.optimizers import DEFAULT_SGD, OPTIMIZERS
 from batchfit.plan import plan_global_batch
 from batchfit.result import Trial
 from batchfit.samples import choose
 from batchfit.trial import TrialError, loss_for
 
 LORA_RANK = 8
-
-
-def _optimizers() -> dict[str, tuple[Callable[..., torch.optim.Optimizer] | None, str]]:
-    """The optimizer rows: name -> (factory, cost); None where this torch lacks it."""
-    adafactor = getattr(torch.optim, "Adafactor", None)
-    return {
-        "SGD momentum": (DEFAULT_SGD, "one state tensor a weight; a different optimizer: re-tune the rate"),
-        "AdamW": (OPTIMIZERS["adamw"], "two state tensors a weight"),
-        "AdamW foreach=False": (
-            functools.partial(OPTIMIZERS["adamw"], foreach=False),
-            "slower step (a loop over tensors), no foreach temporaries",
-        ),
-        "Adafactor": (
-            functools.partial(adafactor, lr=1e-2) if adafactor else None,
-            "factored second moment; different dynamics: re-tune the rate",
-        ),
-    }
 
 
 GROUPS = ("precision", "checkpointing", "optimizer", "frozen", "accumulation", "sequence", "combination")
@@ -81,64 +66,119 @@ def levers(
     usable memory). Each row comes from trials of that variant: the largest batch within the
     margin (by its memory line, verified by a trial) and the peak at `batch_size`. The first
     row is the run as asked; `groups` picks the levers (all of GROUPS by default). `on_lever(row)`
-    hears each row as it is priced (a caller interrupted midway keeps those).
+    hears each row as it is priced, in table order (a caller interrupted midway keeps those).
     `world_sizes` adds rows for FSDP2 over that many GPUs (alone and with checkpointing), batch per GPU.
+    Where this machine has two cores the rows are priced in two processes (lever/parallel.py).
     """
     check_positive_int("batch_size", batch_size)
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"groups {sorted(unknown)} are not among {', '.join(GROUPS)}")
+    table = prepare(
+        model, sample, batch_size, optimizer=optimizer, loss_fn=loss_fn, step=step, device=device, config=config,
+        **options,
+    )  # fmt: skip
+    return table.price(groups, on_lever, world_sizes)
+
+
+def prepare(
+    model: nn.Module,
+    sample: Any,
+    batch_size: int,
+    *,
+    optimizer: Any = None,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    step: Callable[[nn.Module, Any], Any] | None = None,
+    device: Device | str | None = None,
+    config: ProbeConfig | None = None,
+    **options: Any,
+) -> _Table:
+    """The table before any trial (its card, budget and sample): what `levers` prices, and what
+    a command holds while its check runs, its helper process forked before (`on_two_cores`)."""
+    check_positive_int("batch_size", batch_size)
     config = ProbeConfig.from_options(config, options)
     if config.mode != "train":
         raise ValueError("levers price training; mode= does not apply")
-    start = timer()
-    cards = _cards(device, config)
+    cards = cards_for(device, config)
     planned = cards()
-    budget = memory_budget(planned.capacity, config.margin)
-    table = _Table(
-        Pricer(cards, budget, batch_size),
-        model,
-        choose(sample, config.scan_items).sample,
-        optimizer,
-        loss_for(loss_fn, step),
-        config,
-    )
-    rows: list[Lever] = []
-    heard = on_lever or (lambda row: None)
-    for group in ("baseline", *GROUPS):
-        if group == "baseline" or group in groups:
-            made = table.baseline if group == "baseline" else getattr(table, group)()
-            for row in made if isinstance(made, list) else [made]:
-                rows.append(row)
-                heard(row)
-    if world_sizes:
-        for row in sharding_rows(
-            model, table.sample, batch_size, world_sizes, optimizer=optimizer, loss_fn=table.loss_fn,
-            config=config, capacity=planned.capacity,
-        ):  # fmt: skip
-            rows.append(row)
-            heard(row)
-    return LeverTable(
-        batch_size=batch_size,
-        capacity_bytes=planned.capacity,
-        budget_bytes=budget,
-        device=planned.description,
-        levers=rows,
-        elapsed_s=timer() - start,
-    )
+    pricer = Pricer(cards, memory_budget(planned.capacity, config.margin), batch_size)
+    sample = choose(sample, config.scan_items).sample
+    return _Table(pricer, planned, model, sample, optimizer, loss_for(loss_fn, step), config)
 
 
-class _Table:
+class _Table(Table):
     """The rows of the lever table, one method per lever group; the first row is the run as asked."""
 
     def __init__(
-        self, pricer: Pricer, model: nn.Module, sample: Any, optimizer: Any, loss_fn: Any, config: ProbeConfig
+        self,
+        pricer: Pricer,
+        planned: SimulatedDevice,
+        model: nn.Module,
+        sample: Any,
+        optimizer: Any,
+        loss_fn: Any,
+        config: ProbeConfig,
     ) -> None:
-        self.pricer, self.model, self.sample = pricer, model, sample
+        self.pricer, self.planned, self.model, self.sample = pricer, planned, model, sample
         self.user_optimizer, self.loss_fn, self.config = optimizer, loss_fn, config
         card = config.card
         self.low: Precision = "fp16" if card is not None and not card.bf16 else "bf16"
-        self.baseline = self._priced("as asked", "baseline", _describe(config, optimizer))
+        self.helper: Helper | None = None
+
+    @contextlib.contextmanager
+    def on_two_cores(self, start: bool = False) -> Iterator[None]:
+        """A helper process for this table, forked now (before this process runs a backward pass,
+        which would keep the helper from running one) and stopped on the way out, whatever happens.
+        `start`: it starts on all of GROUPS now, the table being wanted whatever comes before."""
+        self.helper = fork_helper(self)
+        try:
+            if start and self.helper is not None:
+                self.helper.go(GROUPS, len(self.units(GROUPS)))
+            yield
+        finally:
+            if self.helper is not None:
+                self.helper.close()
+            self.helper = None
+
+    def price(
+        self, groups: tuple[str, ...], on_lever: Callable[[Lever], None] | None, world_sizes: tuple[int, ...]
+    ) -> LeverTable:
+        """The table: its first row, the rows of `groups`, then the sharding rows of `world_sizes`."""
+        start = timer()
+        heard = on_lever or (lambda row: None)
+        first = functools.partial(self._priced, "as asked", "baseline", describe(self.config, self.user_optimizer))
+        with contextlib.nullcontext() if self.helper is not None else self.on_two_cores():
+            rows = price_rows(self, groups, first, heard, self.helper)
+        if world_sizes:
+            for row in sharding_rows(
+                self.model, self.sample, self.pricer.batch_size, world_sizes, optimizer=self.user_optimizer,
+                loss_fn=self.loss_fn, config=self.config, capacity=self.planned.capacity,
+            ):  # fmt: skip
+                rows.append(row)
+                heard(row)
+        return LeverTable(
+            batch_size=self.pricer.batch_size,
+            capacity_bytes=self.planned.capacity,
+            budget_bytes=self.pricer.budget,
+            device=self.planned.description,
+            levers=rows,
+            elapsed_s=timer() - start,
+        )
+
+    def units(self, groups: tuple[str, ...]) -> list[Unit]:
+        """The rows past the first, one unit each, in table order."""
+        made = {
+            "precision": [Unit(self.precision)],
+            "checkpointing": [Unit(self.checkpointing)],
+            "optimizer": [
+                Unit(functools.partial(self.optimizer, name), reads_baseline=self._asked(name)) for name in optimizers()
+            ],
+            "frozen": [Unit(self.frozen), Unit(self.lora)],
+            "accumulation": [Unit(self.accumulation, reads_baseline=True)],
+            "sequence": [Unit(self.sequence, reads_baseline=True)],
+            "combination": [Unit(self.low_checkpointing), Unit(self.lora_checkpointing)],
+        }
+        return [unit for group in GROUPS if group in groups for unit in made[group]]
 
     def _priced(self, name: str, group: str, cost: str, detail: str = "", **change: Any) -> Lever:
         """The row of the run as asked with `change` (model=, optimizer=, config=) made."""
@@ -191,32 +231,34 @@ class _Table:
         cost = "roughly one extra forward per step"
         return self._variant("activation checkpointing", "checkpointing", cost, enable_checkpointing)
 
-    def optimizer(self) -> list[Lever]:
-        """One row per optimizer; the one asked for is the first row's run, not run again."""
-        rows = []
-        for name, (factory, cost) in _optimizers().items():
-            if factory is None:
-                rows.append(_not_applicable(name, "optimizer", cost, f"torch {torch.__version__} has no {name}"))
-            elif _same_optimizer(factory, self.user_optimizer):
-                asked = cost.split(";")[0]  # not "a different optimizer" when it is the one asked
-                rows.append(
-                    replace(self.baseline, name=name, group="optimizer", cost=asked, detail="the optimizer asked")
-                )
-            else:
-                rows.append(self._priced(name, "optimizer", cost, optimizer=factory))
-        return rows
+    def _asked(self, name: str) -> bool:
+        factory = optimizers()[name][0]
+        return factory is not None and same_optimizer(factory, self.user_optimizer)
 
-    def frozen(self) -> list[Lever]:
-        """A hand-frozen base, and LoRA adapters (peft) on a weightless copy of the model."""
-        rows = [self._variant("frozen base", "frozen", "trains the head only: a different fine-tuning", freeze_base)]
+    def optimizer(self, name: str) -> Lever:
+        """The row of one optimizer; the one asked for is the first row's run, not run again."""
+        factory, cost = optimizers()[name]
+        if factory is None:
+            return _not_applicable(name, "optimizer", cost, f"torch {torch.__version__} has no {name}")
+        if self._asked(name):
+            asked = cost.split(";")[0]  # not "a different optimizer" when it is the one asked
+            return replace(self.baseline, name=name, group="optimizer", cost=asked, detail="the optimizer asked")
+        return self._priced(name, "optimizer", cost, optimizer=factory)
+
+    def frozen(self) -> Lever:
+        """A hand-frozen base."""
+        return self._variant("frozen base", "frozen", "trains the head only: a different fine-tuning", freeze_base)
+
+    def lora(self) -> Lever:
+        """LoRA adapters (peft) on a weightless copy of the model."""
         name, cost = f"LoRA r={LORA_RANK} (peft)", "trains adapters only: a different fine-tuning"
         try:
             adapted = with_lora(meta_copy(self.model), LORA_RANK)
         except ValueError as error:
-            return [*rows, _not_applicable(name, "frozen", cost, str(error))]
+            return _not_applicable(name, "frozen", cost, str(error))
         trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
         detail = f"{trained:,} adapter parameters on every linear layer"
-        return [*rows, self._priced(name, "frozen", cost, detail, model=adapted)]
+        return self._priced(name, "frozen", cost, detail, model=adapted)
 
     def accumulation(self) -> Lever:
         """The global batch asked, in accumulation steps of a per-device batch that fits."""
@@ -270,19 +312,17 @@ class _Table:
         peak = tried[good].peak_reserved
         return Lever(name, "sequence", cost, self.pricer.batch_size, peak, None, detail, True, list(tried.values()))
 
-    def combination(self) -> list[Lever]:
-        """Precision and checkpointing together (the two that keep the training task as it is),
-        and LoRA with checkpointing (the usual recipe for fine-tuning a large model on one card)."""
+    def low_checkpointing(self) -> Lever:
+        """Precision and checkpointing together (the two that keep the training task as it is)."""
         name = f"{self.low} + checkpointing"
         if self.config.precision in ("bf16", "fp16"):
-            low = _not_applicable(name, "combination", "both costs", f"already {self.config.precision}")
-        else:
-            config = replace(self.config, precision=self.low)
-            low = self._variant(name, "combination", "both costs", enable_checkpointing, config=config)
-        return [low, self._lora_checkpointing()]
+            return _not_applicable(name, "combination", "both costs", f"already {self.config.precision}")
+        config = replace(self.config, precision=self.low)
+        return self._variant(name, "combination", "both costs", enable_checkpointing, config=config)
 
-    def _lora_checkpointing(self) -> Lever:
-        """LoRA adapters on a weightless copy, its repeated blocks checkpointed."""
+    def lora_checkpointing(self) -> Lever:
+        """LoRA adapters on a weightless copy, its repeated blocks checkpointed: the usual recipe
+        for fine-tuning a large model on one card."""
         name, cost = f"LoRA r={LORA_RANK} + checkpointing", "a different fine-tuning, and one extra forward per step"
         try:
             adapted = with_lora(meta_copy(self.model), LORA_RANK)
@@ -294,40 +334,3 @@ class _Table:
 
 def _not_applicable(name: str, group: str, cost: str, why: str) -> Lever:
     return Lever(name, group, cost, detail=f"does not apply: {why}", applies=False)
-
-
-def _cards(device: Device | str | None, config: ProbeConfig) -> Callable[[], SimulatedDevice]:
-    """Fresh simulated cards to price on, all alike: the one planned for (a name or a size), or
-    one the size of `device` (a CUDA GPU's usable memory), which is asked once."""
-    if config.capacity_bytes is not None:
-        return lambda: resolve_device("simulated", config)  # type: ignore[return-value]
-    resolved = device if isinstance(device, Device) else resolve_device(device, config)
-    if isinstance(resolved, SimulatedDevice):
-        capacity, workspaces, caveat = resolved.capacity, resolved.workspaces, resolved.caveat
-        capability = resolved.capability
-        return lambda: SimulatedDevice(capacity, workspaces=workspaces, caveat=caveat, capability=capability)
-    capacity, name = resolved.capacity, resolved.description.split(" (")[0]
-    # A CUDA GPU's compute capability, for its attention kernels' rules.
-    cuda = resolved.torch_device.type == "cuda"
-    capability = torch.cuda.get_device_capability(resolved.torch_device) if cuda else None
-    return lambda: SimulatedDevice(capacity, name=name, capability=capability)
-
-
-def _same_optimizer(factory: Any, optimizer: Any) -> bool:
-    """Whether a row's optimizer is the one asked for (the default is SGD momentum, foreach)."""
-    asked = optimizer if optimizer is not None else DEFAULT_SGD
-    if not (isinstance(factory, functools.partial) and isinstance(asked, functools.partial)):
-        return False
-    return factory.func is asked.func and factory.args == asked.args and factory.keywords == asked.keywords
-
-
-def _describe(config: ProbeConfig, optimizer: Any) -> str:
-    """'fp32, AdamW': the precision and the optimizer's class (an instance's, or a partial's)."""
-    made = getattr(optimizer, "func", optimizer)
-    if optimizer is None:
-        label = "SGD momentum (default)"
-    elif isinstance(made, torch.optim.Optimizer):
-        label = type(made).__name__
-    else:
-        label = getattr(made, "__name__", "custom optimizer")
-    return f"{config.precision or 'fp32'}, {label}"
