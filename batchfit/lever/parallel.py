@@ -22,7 +22,7 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +135,21 @@ def fork_helper(table: Table) -> Helper | None:
     if multiprocessing.current_process().daemon or torch.cuda.is_initialized():
         return None
     return Helper(table)
+
+
+@contextlib.contextmanager
+def helping(table: Table, start: tuple[str, ...] = ()) -> Iterator[Helper | None]:
+    """A helper for `table`, forked now (before this process runs a backward pass, which would
+    keep the helper from running one), stopped on the way out whatever happens; `start`: the
+    groups it begins on now, the table being wanted whatever comes before."""
+    helper = fork_helper(table)
+    try:
+        if start and helper is not None:
+            helper.go(start, len(table.units(start)))
+        yield helper
+    finally:
+        if helper is not None:
+            helper.close()
 
 
 Outcome = tuple[Lever | None, BaseException | None, list[Any]]

@@ -28,7 +28,7 @@ from batchfit.changes import (
 )
 from batchfit.config import Precision, ProbeConfig, check_positive_int
 from batchfit.device import Device, SimulatedDevice, timer
-from batchfit.lever.parallel import Helper, Table, Unit, fork_helper
+from batchfit.lever.parallel import Helper, Table, Unit, helping
 from batchfit.lever.parallel import price as price_rows
 from batchfit.lever.pricing import Pricer, cards_for, describe, line_of, optimizers, same_optimizer
 from batchfit.lever.records import Lever, LeverTable
@@ -127,17 +127,11 @@ class _Table(Table):
 
     @contextlib.contextmanager
     def on_two_cores(self, start: bool = False) -> Iterator[None]:
-        """A helper process for this table, forked now (before this process runs a backward pass,
-        which would keep the helper from running one) and stopped on the way out, whatever happens.
-        `start`: it starts on all of GROUPS now, the table being wanted whatever comes before."""
-        self.helper = fork_helper(self)
+        """This table priced on two cores (`parallel.helping`); `start`: its helper starts now."""
         try:
-            if start and self.helper is not None:
-                self.helper.go(GROUPS, len(self.units(GROUPS)))
-            yield
+            with helping(self, GROUPS if start else ()) as self.helper:
+                yield
         finally:
-            if self.helper is not None:
-                self.helper.close()
             self.helper = None
 
     def price(
