@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import needs_vision
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,24 +128,104 @@ def test_one_process_where_a_helper_would_not_help_or_cannot_run(stubs, case):
 
 
 TABLE = """
-import json, sys, torch
+import json, torch
+from torch import nn
 import batchfit
 from batchfit.lever import parallel
-from torchvision.models import resnet18
-model = resnet18()
-sample = torch.randn(3, 32, 32)
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+class Tiny(nn.Module):  # a text model of repeated blocks with its own loss: every group has a row
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(100, 64), nn.Linear(64, 100)
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+    def forward(self, input_ids, labels):
+        x = self.emb(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return {"loss": nn.functional.cross_entropy(self.head(x).flatten(0, 1), labels.flatten())}
+
+ids = torch.randint(0, 100, (128,))
+model, sample = Tiny(), {"input_ids": ids, "labels": ids.clone()}
 def table():
-    rows = batchfit.levers(model, sample, 16384, device="simulated", gpu="A10G").levers
+    heard = []
+    rows = batchfit.levers(model, sample, 1024, device="simulated", memory=400 * 2**20, on_lever=heard.append).levers
+    assert heard == rows
     return [[r.name, r.fits, r.peak_at_batch, r.predicted_peak, r.detail, [t.to_dict() for t in r.trials]]
             for r in rows]
-two = table()
+received, collect = [], parallel._collect
+def counting(helper, done, block):
+    before = len(done)
+    alive = collect(helper, done, block=block)
+    received.append(len(done) - before)
+    return alive
+parallel._collect = counting
+two = table()  # first: this process has run no backward yet
 parallel.cores = lambda: 1
-print(json.dumps({"two": two, "one": table()}))
+print(json.dumps({"two": two, "one": table(), "from_helper": sum(received)}))
 """
 
 
-@needs_vision
 def test_the_table_on_two_cores_is_the_table_on_one():
+    """Row for row, trial for trial; and the helper priced some of them."""
     got = _python(TABLE)
-    assert got["two"] == got["one"]
-    assert sum(1 for row in got["one"] if row[5]) >= 6  # rows with trials, not only "does not apply"
+    assert got["two"] == got["one"] and got["from_helper"] >= 2
+    assert sum(1 for row in got["one"] if row[5]) >= 9  # rows with trials, not only "does not apply"
+
+
+def _session(sid: int) -> list[int]:
+    """The processes of session `sid` still alive (zombies are gone for good)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+MODEL_FILE = (
+    TABLE.split("ids = torch")[0]
+    + """
+def tiny():
+    ids = torch.randint(0, 100, (128,))
+    return Tiny(), {"input_ids": ids, "labels": ids.clone()}
+"""
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads sessions from /proc")
+def test_ctrl_c_at_the_terminal_stops_the_helper_and_keeps_the_verdict(tmp_path):
+    """Ctrl-C goes to the whole foreground group: the command keeps its verdict and the rows
+    priced (exit 130), and its helper, which was running, is gone with it."""
+    (tmp_path / "models.py").write_text(MODEL_FILE)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = ["check", "--model", f"{tmp_path / 'models.py'}:tiny", "--memory", "400MiB", "--batch-size", "1024"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchfit", *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        while "pricing the levers" not in (line := proc.stderr.readline()):
+            assert line, "the command ended before pricing the levers"
+        time.sleep(1.0)
+        assert len(_session(proc.pid)) == 2  # the command and its helper
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "batch_size=1024 does not fit" in out + err and "interrupted while pricing the levers" in err
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while _session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _session(proc.pid)

@@ -20,6 +20,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -127,14 +128,17 @@ class Helper:
 
 
 def fork_helper(table: Table) -> Helper | None:
-    """A helper for `table`, or None where one would not help or could not run: one core, no
-    fork, a daemonic process (which may not have children), or CUDA initialised here (a forked
-    child cannot use it)."""
+    """A helper for `table`, or None where one would not help or could not run safely: one
+    core, no fork, a daemonic process (which may not have children), CUDA initialised here (a
+    forked child cannot use it), or other Python threads (one could hold a lock the child needs)."""
     if cores() < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return None
-    if multiprocessing.current_process().daemon or torch.cuda.is_initialized():
+    if multiprocessing.current_process().daemon or torch.cuda.is_initialized() or threading.active_count() > 1:
         return None
-    return Helper(table)
+    with warnings.catch_warnings():
+        # Python 3.12 warns at any fork of a process with threads (torch's own pools among them).
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        return Helper(table)
 
 
 @contextlib.contextmanager
@@ -170,13 +174,13 @@ def price(
     count = len(units)
     if helper is not None:
         helper.go(groups, count)
-        if helper.groups != groups:  # started ahead on other groups: its rows are not these
+        if not helper.started or helper.groups != groups:  # gone, or started ahead on other groups
             helper = None
     table.baseline = first()
     rows = [table.baseline]
     heard(table.baseline)
-    if helper is not None and not (helper.started and helper.send(("baseline", table.baseline))):
-        helper = None
+    if helper is not None:
+        helper.send(("baseline", table.baseline))  # if it has gone, its rows are in the pipe or priced here
     done: dict[int, Outcome] = {}
 
     def emit() -> None:
@@ -277,7 +281,16 @@ def _make(unit: Unit) -> tuple[Lever | None, BaseException | None, list[Any]]:
         except BaseException as raised:
             error = _portable(raised)
     seen = {(str(w.message), w.category, w.filename, w.lineno): _module(w.filename) for w in caught}
-    return row, error, [(*key, module) for key, module in seen.items()]
+    return row, error, [(*key, module) for key, module in seen.items() if _pickles(key[1])]
+
+
+def _pickles(category: type) -> bool:
+    """Whether a warning's class can cross to the parent (one defined in a function cannot)."""
+    try:
+        pickle.dumps(category)
+    except Exception:
+        return False
+    return True
 
 
 def _module(filename: str) -> str:
