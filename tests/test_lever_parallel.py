@@ -74,10 +74,14 @@ CASES = [
 ]
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def _python(script: str, *args: str) -> dict:
     """What `script` prints last, as JSON, run in a fresh interpreter on this checkout."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=600)
+    command = [sys.executable, "-c", script, *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -207,11 +211,12 @@ def test_ctrl_c_at_the_terminal_stops_the_helper_and_keeps_the_verdict(tmp_path)
     """Ctrl-C goes to the whole foreground group: the command keeps its verdict and the rows
     priced (exit 130), and its helper, which was running, is gone with it."""
     (tmp_path / "models.py").write_text(MODEL_FILE)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = ["check", "--model", f"{tmp_path / 'models.py'}:tiny", "--memory", "400MiB", "--batch-size", "1024"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchfit", *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "batchfit", *command], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
+        # SIGINT at its default action, as in a shell's foreground job (a run started with '&' ignores it).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         while "pricing the levers" not in (line := proc.stderr.readline()):
