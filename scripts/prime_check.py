@@ -11,6 +11,7 @@ from the eight steps'. On the simulated device here; on a CUDA GPU through scrip
 which calls `compare` there.
 
     python scripts/prime_check.py [--models gpt2,resnet50] [--batch-size 16] [--seq-len 512]
+    python scripts/prime_check.py --device cuda   # the same 12 cases on a real card (real weights)
 
 Text models run at their zoo sequence length (gpt2 1024, bert-base and t5-small 512) unless
 --seq-len is given; about three minutes for the 12 cases on a 2-core machine.
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from batchfit.config import ProbeConfig  # noqa: E402
-from batchfit.device import Device, SimulatedDevice  # noqa: E402
+from batchfit.device import Device, resolve_device  # noqa: E402
 from batchfit.memory import GIB  # noqa: E402
 from batchfit.optimizers import OPTIMIZERS  # noqa: E402
 from batchfit.result import Trial  # noqa: E402
@@ -101,18 +102,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=None, help="for text models (default: the zoo's)")
     parser.add_argument("--steady-steps", type=int, default=STEADY_STEPS)
-    parser.add_argument("--memory-gib", type=float, default=80)
+    parser.add_argument("--memory-gib", type=float, default=80, help="the simulated card's (a real card: its own)")
+    parser.add_argument("--device", choices=("simulated", "cuda"), default="simulated")
     args = parser.parse_args()
-    card = lambda: SimulatedDevice(int(args.memory_gib * GIB))  # noqa: E731
+    real = args.device == "cuda"
+    config = ProbeConfig(memory=None if real else f"{args.memory_gib}GiB")
+    card = lambda: resolve_device(args.device, config)  # noqa: E731
     n = args.steady_steps
-    print(f"simulated card {args.memory_gib:g} GiB; peaks allocated / reserved, GiB; differences from {n} steps")
+    print(f"{card().description}; peaks allocated / reserved, GiB; differences from {n} steps")
     print(f"| model | optimizer | B | {n} steps | two steps | diff | primed step | diff | closer (reserved) | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     wrong, closer = 0, {"two": 0, "primed": 0, "tie": 0}
     for name in args.models.split(","):
         text = name in HF_FAMILIES
         seq = (args.seq_len or HF_FAMILIES[name]["seq_len"]) if text else None
-        spec = build(name, seq_len=seq, on_meta=True)
+        spec = build(name, seq_len=seq, on_meta=not real)
         label = f"{name} seq {seq}" if text else name
         for opt in args.optimizers.split(","):
             start = time.perf_counter()

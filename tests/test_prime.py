@@ -108,3 +108,15 @@ def test_the_cli_primes_with_steps_per_trial_1_and_refuses_0(tmp_path):
     assert json.loads(primed.stdout)["recommended_batch_size"] == json.loads(two.stdout)["recommended_batch_size"]
     refused = run_cli(*args, "--steps-per-trial", "0")
     assert refused.exit_code == 2 and "--steps-per-trial" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_cuda_card_the_primed_step_allocates_as_two_and_eight_steps():
+    from batchfit.device import resolve_device
+
+    card = lambda: resolve_device("cuda", ProbeConfig())  # noqa: E731
+    peaks = prime_check.compare(linear_stack(4, 1024), torch.randn(1024), card, 4096, OPTIMIZERS["adamw"])
+    assert all(t.ok for t in peaks)
+    assert peaks.primed.peak_allocated == pytest.approx(peaks.two.peak_allocated, rel=0.01)
+    assert peaks.two.peak_allocated == pytest.approx(peaks.steady.peak_allocated, rel=0.01)
