@@ -36,7 +36,7 @@ def test_one_primed_step_peaks_as_two_steps_allocate(name):
     forwards = _forwards(model)
     peaks = prime_check.compare(model, torch.randn(256), lambda: SimulatedDevice(capacity), 8, OPTIMIZERS[name], None)
     assert len(forwards) == 2 + 1 + prime_check.STEADY_STEPS  # the primed trial ran one step
-    assert all(t.ok for t in peaks)
+    assert peaks.two.ok and peaks.primed.ok
     assert peaks.primed.peak_allocated == pytest.approx(peaks.two.peak_allocated, rel=0.01)
     assert peaks.steady.peak_allocated == pytest.approx(peaks.two.peak_allocated, rel=0.01)
     assert prime_check.close(peaks.two, peaks.primed)
@@ -117,6 +117,6 @@ def test_on_a_cuda_card_the_primed_step_allocates_as_two_and_eight_steps():
 
     card = lambda: resolve_device("cuda", ProbeConfig())  # noqa: E731
     peaks = prime_check.compare(linear_stack(4, 1024), torch.randn(1024), card, 4096, OPTIMIZERS["adamw"])
-    assert all(t.ok for t in peaks)
+    assert peaks.two.ok and peaks.primed.ok
     assert peaks.primed.peak_allocated == pytest.approx(peaks.two.peak_allocated, rel=0.01)
     assert peaks.two.peak_allocated == pytest.approx(peaks.steady.peak_allocated, rel=0.01)
