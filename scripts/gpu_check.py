@@ -100,9 +100,10 @@ def run_case(
         row.update(est_limit=estimate.predicted_limit, est_alloc_mib=(estimate.per_sample_allocated_bytes or 0) / 2**20)
     if time.perf_counter() < deadline:
         # Two steps and one primed step (the optimizer state made before it) against eight.
-        peaks = compare(model, sample, lambda: device, result.recommended_batch_size, bench.optimizer, loss_fn)
+        at = result.recommended_batch_size
+        peaks = compare(model, sample, lambda: device, at, bench.optimizer, loss_fn, precision=case.precision)
         row["prime"] = {
-            "batch_size": result.recommended_batch_size,
+            "batch_size": at,
             **{name: [t.peak_allocated, t.peak_reserved] for name, t in peaks._asdict().items()},
         }
     if time.perf_counter() < deadline:

@@ -59,20 +59,31 @@ def compare(
     optimizer: Any,
     loss_fn: Any = None,
     steady_steps: int = STEADY_STEPS,
+    precision: str | None = None,
 ) -> Peaks:
     """Two steps, one primed step and `steady_steps` steps of training `model` at `batch_size`."""
     trials = []
     for steps in (2, 1):
-        with holding(model, sample, card(), optimizer, loss_fn, ProbeConfig(steps_per_trial=steps), None) as session:
+        config = ProbeConfig(steps_per_trial=steps, precision=precision)  # type: ignore[arg-type]
+        with holding(model, sample, card(), optimizer, loss_fn, config, None) as session:
             trials.append(session.run(batch_size))
-    return Peaks(*trials, training(model, sample, card, batch_size, optimizer, loss_fn, steady_steps))
+    loop = training(model, sample, card, batch_size, optimizer, loss_fn, steady_steps, precision)
+    return Peaks(*trials, loop)
 
 
 def training(
-    model: Any, sample: Any, card: Callable[[], Device], batch_size: int, optimizer: Any, loss_fn: Any, steps: int
+    model: Any,
+    sample: Any,
+    card: Callable[[], Device],
+    batch_size: int,
+    optimizer: Any,
+    loss_fn: Any,
+    steps: int,
+    precision: str | None = None,
 ) -> Measurement:
     """The peaks of `steps` steps of an ordinary training loop, on the same held model as a trial."""
-    with holding(model, sample, card(), optimizer, loss_fn, ProbeConfig(), None) as held:
+    config = ProbeConfig(precision=precision)  # type: ignore[arg-type]
+    with holding(model, sample, card(), optimizer, loss_fn, config, None) as held:
         device, workload = held.device, held.workload
         with device.measure() as measured:
             stepper = workload.make_optimizer(held.params)
@@ -125,11 +136,12 @@ def main() -> None:
     parser.add_argument("--steady-steps", type=int, default=STEADY_STEPS)
     parser.add_argument("--memory-gib", type=float, default=80, help="the simulated card's (a real card: its own)")
     parser.add_argument("--device", choices=("simulated", "cuda"), default="simulated")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     args = parser.parse_args()
     real = args.device == "cuda"
     config = ProbeConfig(memory=None if real else f"{args.memory_gib}GiB")
     card = lambda: resolve_device(args.device, config)  # noqa: E731
-    n = args.steady_steps
+    n, precision = args.steady_steps, None if args.precision == "fp32" else args.precision
     print(f"{card().description}; peaks allocated / reserved, GiB; differences from an {n}-step training loop")
     print(f"| model | optimizer | B | {n}-step loop | two steps | diff | primed step | diff | closer (reserved) | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -141,7 +153,7 @@ def main() -> None:
         label = f"{name} seq {seq}" if text else name
         for opt in args.optimizers.split(","):
             start = time.perf_counter()
-            peaks = compare(spec.model, spec.sample, card, args.batch_size, OPTIMIZERS[opt], spec.loss_fn, n)
+            peaks = compare(spec.model, spec.sample, card, args.batch_size, OPTIMIZERS[opt], spec.loss_fn, n, precision)
             two, primed = off(peaks.two, peaks.steady), off(peaks.primed, peaks.steady)
             wrong += abs(peaks.primed.peak_allocated / peaks.two.peak_allocated - 1) > 0.01
             winner = "tie" if abs(two[1]) == abs(primed[1]) else "two" if abs(two[1]) < abs(primed[1]) else "primed"
