@@ -14,7 +14,7 @@ which calls `compare` there.
     python scripts/prime_check.py --device cuda   # the same 12 cases on a real card (real weights)
 
 Text models run at their zoo sequence length (gpt2 1024, bert-base and t5-small 512) unless
---seq-len is given; about three minutes for the 12 cases on a 2-core machine.
+--seq-len is given; about two minutes for the 12 cases on a 2-core machine.
 """
 
 from __future__ import annotations
