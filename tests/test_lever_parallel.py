@@ -52,10 +52,16 @@ def table(**stub):
     import multiprocessing
     return {"rows": outcome, "heard": heard, "children": len(multiprocessing.active_children())}
 
+def no_fork(table):
+    raise BlockingIOError(11, "Resource temporarily unavailable")  # fork at a process limit
+
 PARENT = os.getpid()
-got = {}
+Helper, got = parallel.Helper, {}
 for case, stub in json.loads(sys.argv[1]):  # in this order: the last two leave no helper
+    if case == "no fork":
+        parallel.Helper = no_fork
     if case == "one core":
+        parallel.Helper = Helper
         parallel.cores, cores = (lambda: 1), parallel.cores
     if case == "after a backward":
         parallel.cores = cores
@@ -69,6 +75,7 @@ CASES = [
     ("two cores", {"fail_at": 1}),
     ("two cores", {"fail_at": 6}),
     ("two cores", {"die_at": 7}),
+    ("no fork", {}),
     ("one core", {}),
     ("after a backward", {}),
 ]
@@ -122,10 +129,10 @@ def test_a_helper_that_dies_leaves_its_rows_to_this_process(stubs):
     assert got["rows"][-1][2] == "parent" and got["children"] == 0
 
 
-@pytest.mark.parametrize("case", ["one core", "after a backward"])
+@pytest.mark.parametrize("case", ["no fork", "one core", "after a backward"])
 def test_one_process_where_a_helper_would_not_help_or_cannot_run(stubs, case):
-    """One core: no helper. After a backward on the simulated card, a forked helper could run
-    none: it says so and this process prices every row (it never hangs)."""
+    """A fork that fails, or one core: no helper. After a backward on the simulated card, a
+    forked helper could run none: it says so and this process prices every row (never hangs)."""
     got = _stub(stubs, case)
     assert [row[0] for row in got["rows"]] == NAMES
     assert {row[2] for row in got["rows"][1:]} == {"parent"} and got["children"] == 0

@@ -138,7 +138,10 @@ def fork_helper(table: Table) -> Helper | None:
     with warnings.catch_warnings():
         # Python 3.12 warns at any fork of a process with threads (torch's own pools among them).
         warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
-        return Helper(table)
+        try:
+            return Helper(table)
+        except OSError:  # no fork now (a process limit, memory): one process prices the table
+            return None
 
 
 @contextlib.contextmanager
