@@ -272,6 +272,24 @@ def test_preflight_searches_down_from_the_batch_asked_as_the_lever_table_does(cn
     assert sizes == [t.batch_size for t in row.trials] and sizes[0] == 4096 and sizes.count(4096) == 1
 
 
+def test_preflight_searching_down_with_real_steps_leaves_model_and_optimizer_as_they_were(cnn):
+    """The search down from the batch asked trains for real on CPU (weights move, BatchNorm's
+    statistics and the RNG too): the user's model, its gradients and optimizer state come back bitwise."""
+    sample = torch.randn(3, 16, 16)
+    optimizer = torch.optim.AdamW(cnn.parameters(), lr=1e-3)
+    cnn(sample.unsqueeze(0).expand(2, -1, -1, -1)).sum().backward()
+    optimizer.step()  # the user's optimizer holds state, and the weights their gradients
+    before = {k: v.clone() for k, v in cnn.state_dict().items()}
+    grads = [p.grad.clone() for p in cnn.parameters()]
+    state = {k: v.clone() for k, v in optimizer.state[next(cnn.parameters())].items()}
+    with pytest.raises(batchfit.DoesNotFitError) as info:
+        batchfit.preflight(cnn, sample, 4096, optimizer=optimizer, device="cpu", memory=card(64))
+    assert info.value.check.largest_fitting > 0
+    assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, cnn.parameters(), strict=True))
+    assert all(torch.equal(state[k], v) for k, v in optimizer.state[next(cnn.parameters())].items())
+
+
 def test_throughput_objective_picks_the_knee_on_real_timing():
     model = linear_stack(2, 64)
     result = find_batch_size(model, torch.randn(64), memory=card(32), device="cpu", objective="throughput")

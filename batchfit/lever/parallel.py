@@ -274,7 +274,7 @@ def _serve(table: Table, conn: Any, claims: Claims, parent: int) -> None:
     os._exit(0)
 
 
-def _make(unit: Unit) -> tuple[Lever | None, BaseException | None, list[Any]]:
+def _make(unit: Unit) -> Outcome:
     """A unit's row or its error (one that crosses to the parent), and the warnings it raised."""
     row, error = None, None
     with warnings.catch_warnings(record=True) as caught:

@@ -70,7 +70,6 @@ def levers(
     `world_sizes` adds rows for FSDP2 over that many GPUs (alone and with checkpointing), batch per GPU.
     Where this machine has two cores the rows are priced in two processes (lever/parallel.py).
     """
-    check_positive_int("batch_size", batch_size)
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"groups {sorted(unknown)} are not among {', '.join(GROUPS)}")
