@@ -146,6 +146,30 @@ def test_ctrl_c_in_the_first_seconds_is_130(models, seconds):
     assert "Traceback" not in done.stderr and "Aborted" not in done.stderr and "interrupted" in done.stderr
 
 
+HELD = """
+import os, signal, sys, threading
+from batchfit.cli.options import import_torch
+threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    import_torch()
+except KeyboardInterrupt:
+    print("raised once torch was imported:", "torch.nn" in sys.modules)
+"""
+
+
+def test_ctrl_c_while_torch_imports_is_held_until_it_is_imported():
+    """A KeyboardInterrupt inside torch's C++ start-up was lost (torch 2.13: the command went on)
+    or aborted the process (exit -6): the command imports torch with Ctrl-C held, then raises it."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-c", HELD]
+    proc = _as_from_a_terminal(command, env)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.strip() == "raised once torch was imported: True", err
+
+
 def test_ctrl_c_while_pricing_levers_keeps_the_verdict(models, tmp_path):
     """Issue 18 case 5: the check had decided, then Ctrl-C in the lever table lost it."""
     report = tmp_path / "r.json"

@@ -67,6 +67,14 @@ for case, stub in json.loads(sys.argv[1]):  # in this order: the last two leave 
         parallel.cores = cores
         import batchfit
         batchfit.find_batch_size(torch.nn.Linear(4, 4), torch.randn(4), device="simulated", memory=2**30)
+        child = os.fork()  # can a process forked now run a backward? (not where autograd has device threads)
+        if child == 0:
+            try:
+                torch.ones(1, requires_grad=True).sum().backward()
+            except RuntimeError:
+                os._exit(1)
+            os._exit(0)
+        got["a child can run a backward"] = os.waitpid(child, 0)[1] == 0
     got[json.dumps([case, stub])] = table(**stub)
 print(json.dumps(got))
 """
@@ -129,13 +137,22 @@ def test_a_helper_that_dies_leaves_its_rows_to_this_process(stubs):
     assert got["rows"][-1][2] == "parent" and got["children"] == 0
 
 
-@pytest.mark.parametrize("case", ["no fork", "one core", "after a backward"])
+@pytest.mark.parametrize("case", ["no fork", "one core"])
 def test_one_process_where_a_helper_would_not_help_or_cannot_run(stubs, case):
-    """A fork that fails, or one core: no helper. After a backward on the simulated card, a
-    forked helper could run none: it says so and this process prices every row (never hangs)."""
+    """A fork that fails, or one core: no helper, this process prices every row."""
     got = _stub(stubs, case)
     assert [row[0] for row in got["rows"]] == NAMES
     assert {row[2] for row in got["rows"][1:]} == {"parent"} and got["children"] == 0
+
+
+def test_after_a_backward_the_helper_helps_only_if_it_can_run_one(stubs):
+    """After a backward on the simulated card a CUDA build's autograd has device threads, and a
+    process forked then cannot run a backward (a CPU build's can): the helper finds out, says so,
+    and this process prices every row (never hangs); where it can, it helps as ever."""
+    got = _stub(stubs, "after a backward")
+    assert [row[0] for row in got["rows"]] == NAMES and got["children"] == 0
+    helped = {"parent", "helper"} if stubs["a child can run a backward"] else {"parent"}
+    assert {row[2] for row in got["rows"][1:]} == helped
 
 
 TABLE = """

@@ -5,8 +5,10 @@ torch-free, like config and memory: `batchfit --help` must not import torch.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -229,4 +231,34 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return _after_importing_torch(func)
+
+
+def import_torch() -> None:
+    """torch imported with Ctrl-C held until it is done, then raised: a KeyboardInterrupt inside
+    torch's C++ start-up is lost (its own numpy import turns it into a warning, and the command
+    went on) or aborts the process (pybind11: "terminate called ... KeyboardInterrupt", exit -6).
+    A user who started the command with SIGINT ignored keeps it ignored."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        import torch
+
+        return
+    heard: list[int] = []
+    signal.signal(signal.SIGINT, lambda number, frame: heard.append(number))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if heard:
+        raise KeyboardInterrupt
+
+
+def _after_importing_torch(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The command, which imports torch first (held from Ctrl-C) once its options are parsed."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import_torch()
+        return command(*args, **kwargs)
+
+    return run
