@@ -86,18 +86,17 @@ def _main() -> None:
 
 
 def entry() -> None:
-    """The `batchfit` command. Under torchrun it leaves through os._exit once its own exit
-    handlers (which close the process group it opened) have run: torch's distributed threads
-    could still abort interpreter shutdown ("terminate called without an active exception",
-    exit -6 instead of 3 on the failing rank, about 1 run in 10 on a loaded 2-core machine)."""
+    """The `batchfit` command. It leaves through os._exit once its own exit handlers (which close
+    the process group it opened) have run in two cases. Under torchrun: torch's distributed
+    threads could still abort interpreter shutdown ("terminate called without an active
+    exception", exit -6 instead of 3 on the failing rank, about 1 run in 10 on a loaded 2-core
+    machine). After Ctrl-C: a KeyboardInterrupt that passed through code made by exec (a
+    dataclass as a module imports) leaves CPython set to kill itself with SIGINT once shut down,
+    so exit 130 became -2 (2 runs in 8 at 1.4 s, strace: kill(self, SIGINT) after exit 130)."""
     try:
         _main()
     except SystemExit as done:
-        if "RANK" not in os.environ:
-            raise
-        from batchfit.distributed import torchrun_environment
-
-        if not torchrun_environment():
+        if done.code != EXIT_INTERRUPTED and not _under_torchrun():
             raise
         if done.code is not None and not isinstance(done.code, int):
             click.echo(done.code, err=True)
@@ -106,6 +105,14 @@ def entry() -> None:
         sys.stderr.flush()
         atexit._run_exitfuncs()
         os._exit(code)
+
+
+def _under_torchrun() -> bool:
+    if "RANK" not in os.environ:
+        return False
+    from batchfit.distributed import torchrun_environment
+
+    return torchrun_environment()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
