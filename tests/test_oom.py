@@ -43,3 +43,40 @@ def test_cudnn_attention_running_out_outside_the_allocator_is_oom():
     )
     assert is_oom(RuntimeError(text))
     assert not is_oom(RuntimeError("cuDNN SDPA execution failed with error code 3: bad strides"))
+
+
+def test_collections_during_trials_scan_only_what_the_trials_made():
+    """The full collections after an OOM and at a session's end scan the objects made since the
+    session began (gc.freeze), and leave the process's heap as it was found."""
+    import gc
+    import weakref
+
+    from batchfit.session import collecting_new_objects_only
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    with collecting_new_objects_only():
+        assert gc.get_freeze_count() > 0
+        cycle = Node()
+        cycle.me = cycle
+        gone = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert gone() is None  # a trial's garbage cycle still goes
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_heap_the_user_froze_stays_frozen():
+    import gc
+
+    import batchfit
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        batchfit.find_batch_size(torch.nn.Linear(8, 8), torch.randn(8), device="simulated", memory=2**30)
+        assert 0 < gc.get_freeze_count() <= frozen  # not thawed (objects that died left it)
+    finally:
+        gc.unfreeze()

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from batchfit.lever.records import Lever
+from batchfit.session import collecting_new_objects_only
 
 _FRONT, _BACK = 0, 1
 
@@ -262,13 +263,14 @@ def _serve(table: Table, conn: Any, claims: Claims, parent: int) -> None:
             os._exit(0)
         _, groups = conn.recv()
         units = table.units(groups)
-        while (k := claims.take(_BACK)) is not None:
-            if units[k].reads_baseline and not hasattr(table, "baseline"):
-                _, table.baseline = conn.recv()
-            outcome = _make(units[k])
-            conn.send(("row", k, *outcome))
-            if outcome[1] is not None:
-                break  # one process never reaches the rows after an error either
+        with collecting_new_objects_only():
+            while (k := claims.take(_BACK)) is not None:
+                if units[k].reads_baseline and not hasattr(table, "baseline"):
+                    _, table.baseline = conn.recv()
+                outcome = _make(units[k])
+                conn.send(("row", k, *outcome))
+                if outcome[1] is not None:
+                    break  # one process never reaches the rows after an error either
     except (EOFError, OSError):
         pass
     os._exit(0)

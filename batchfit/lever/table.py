@@ -37,6 +37,7 @@ from batchfit.memory import budget as memory_budget
 from batchfit.plan import plan_global_batch
 from batchfit.result import Trial
 from batchfit.samples import choose
+from batchfit.session import collecting_new_objects_only
 from batchfit.trial import TrialError, loss_for
 
 LORA_RANK = 8
@@ -140,7 +141,8 @@ class _Table(Table):
         start = timer()
         heard = on_lever or (lambda row: None)
         first = functools.partial(self._priced, "as asked", "baseline", describe(self.config, self.user_optimizer))
-        with contextlib.nullcontext() if self.helper is not None else self.on_two_cores():
+        helping = contextlib.nullcontext() if self.helper is not None else self.on_two_cores()
+        with helping, collecting_new_objects_only():
             rows = price_rows(self, groups, first, heard, self.helper)
         if world_sizes:
             for row in sharding_rows(
