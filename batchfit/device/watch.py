@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from batchfit.memory import round_size
 
@@ -39,9 +38,25 @@ def run_tracking_new(func: Any, args: Any, kwargs: Any, on_new: Any) -> Any:
     Outputs that alias an input (views, in-place ops) allocate nothing; skipping them also
     keeps views of tensors made before tracking (a dataset in host memory) off the device.
     """
-    inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+    found: list[torch.Tensor] = []
+    _tensors(args, found)
+    if kwargs:
+        _tensors(kwargs.values(), found)
+    inputs = {id(t.untyped_storage()) for t in found}
     out = func(*args, **(kwargs or {}))
-    for item in tree_flatten(out)[0]:
-        if isinstance(item, torch.Tensor) and id(item.untyped_storage()) not in inputs:
+    found.clear()
+    _tensors((out,), found)
+    for item in found:
+        if id(item.untyped_storage()) not in inputs:
             on_new(item)
     return out
+
+
+def _tensors(items: Any, found: list[torch.Tensor]) -> None:
+    """The tensors in an operator's arguments or results (tensors, and lists and tuples of them,
+    as ATen's schemas have them): torch's generic tree_flatten cost 16% of a simulated trial."""
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (list, tuple)):
+            _tensors(item, found)
