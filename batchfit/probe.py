@@ -278,6 +278,7 @@ def preflight(
         needed_bytes=None if trial.ok else need,
         needed_basis=None if trial.ok else f"{BEFORE_ANY_BATCH}: {parts}",
         largest_fitting=largest,
+        trial=trial,
     )
     if not trial.ok and line is not None:
         check = replace(check, needed_bytes=round(line.predict(batch_size)), needed_basis=BY_THE_LINE)

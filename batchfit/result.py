@@ -207,6 +207,9 @@ class CheckResult:
     needed_bytes: int | None = None
     """When the trial ran out of memory: what the batch needs, by `needed_basis`."""
     needed_basis: str | None = None
+    trial: Trial | None = field(default=None, compare=False, repr=False)
+    """The trial at `batch_size` that decided (not in to_dict): the lever table's first row on
+    the same simulated card starts from it instead of running it again."""
 
     @property
     def overshoot_bytes(self) -> int | None:

@@ -272,6 +272,34 @@ def test_preflight_searches_down_from_the_batch_asked_as_the_lever_table_does(cn
     assert sizes == [t.batch_size for t in row.trials] and sizes[0] == 4096 and sizes.count(4096) == 1
 
 
+@pytest.mark.parametrize("batch_size", [4096, 8])
+def test_the_lever_table_starts_from_the_checks_trial_at_the_batch_asked(cnn, monkeypatch, batch_size):
+    """`check` on the simulated card: the table's first row takes the check's trial at the batch
+    asked instead of running it again, and comes out as it does without it (fits or not). Its
+    later trials start on a card that has not run the batch asked: the allocator's statistics that
+    the table does not read may differ (this CNN at 4: inactive split 0.9 vs 1.9 MiB, largest
+    request 80 KiB vs 32 MiB), the peaks it reads may not."""
+    from batchfit.lever.table import prepare
+
+    sample, memory = torch.randn(3, 16, 16), card(64)
+    alone = batchfit.levers(cnn, sample, batch_size, memory=memory, groups=()).levers[0]
+    try:
+        check = batchfit.preflight(cnn, sample, batch_size, memory=memory, find_largest=False)
+    except batchfit.DoesNotFitError as error:
+        check = error.check
+    assert check.trial is not None and check.trial.batch_size == batch_size
+    _, sizes = _counting(monkeypatch)
+    row = prepare(cnn, sample, batch_size, memory=memory).price((), None, (), check.trial).levers[0]
+    assert sizes == [t.batch_size for t in alone.trials][1:]  # all but the check's
+    assert row.trials[0] is check.trial
+    assert (row.fits, row.peak_at_batch) == (alone.fits, alone.peak_at_batch)
+
+    def peaks(trials):
+        return [(t.batch_size, t.ok, t.peak_allocated, t.peak_reserved) for t in trials]
+
+    assert peaks(row.trials) == peaks(alone.trials)
+
+
 def test_preflight_searching_down_with_real_steps_leaves_model_and_optimizer_as_they_were(cnn):
     """The search down from the batch asked trains for real on CPU (weights move, BatchNorm's
     statistics and the RNG too): the user's model, its gradients and optimizer state come back bitwise."""

@@ -27,7 +27,9 @@ def price_levers(run: Run, batch_size: int, check: Any, world_sizes: tuple[int, 
     rows: list[Any] = []
     try:
         table = ahead or prepare_table(run, batch_size)
-        return table.price(GROUPS, rows.append, world_sizes), False
+        # On the simulated card the check's trial is the first row's at the batch asked: not run twice.
+        asked = check.trial if run.device_kind == "simulated" else None
+        return table.price(GROUPS, rows.append, world_sizes, asked), False
     except KeyboardInterrupt:
         budget = round(check.budget_bytes)
         return LeverTable(batch_size, check.capacity_bytes, budget, check.device, rows), True

@@ -44,16 +44,19 @@ class Pricer:
         optimizer: Any,
         loss_fn: Any,
         config: ProbeConfig,
+        ran: dict[int, Trial] | None = None,
     ) -> tuple[int, int | None, list[Trial]]:
         """(largest batch within the budget, peak at the batch asked or None on OOM, the trials).
 
         The search's pricing variant (`search.price`): from the batch asked down by halves to one
         within the budget, a second point for the variant's memory line, then the line's answer
-        verified by a trial and refined (three times at most, to within 1/16).
+        verified by a trial and refined (three times at most, to within 1/16). `ran`: trials of
+        this variant already run on a card like these (the check's), not run again.
         """
+        ran = ran or {}
         smallest = 2 if has_batchnorm(model) else 1
         with holding(model, sample, self.card(), optimizer, loss_fn, config, None) as probe:
-            ledger = price(probe.run, self.budget, self.batch_size, smallest)
+            ledger = price(lambda b: ran.get(b) or probe.run(b), self.budget, self.batch_size, smallest)
         asked = ledger.order[0]
         return ledger.verified(), asked.peak_reserved if asked.ok else None, ledger.order
 

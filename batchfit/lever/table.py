@@ -135,12 +135,20 @@ class _Table(Table):
             self.helper = None
 
     def price(
-        self, groups: tuple[str, ...], on_lever: Callable[[Lever], None] | None, world_sizes: tuple[int, ...]
+        self,
+        groups: tuple[str, ...],
+        on_lever: Callable[[Lever], None] | None,
+        world_sizes: tuple[int, ...],
+        asked: Trial | None = None,
     ) -> LeverTable:
-        """The table: its first row, the rows of `groups`, then the sharding rows of `world_sizes`."""
+        """The table: its first row, the rows of `groups`, then the sharding rows of `world_sizes`.
+        `asked`: the trial at the batch asked, run already on a card like the table's (the check's)."""
         start = timer()
         heard = on_lever or (lambda row: None)
-        first = functools.partial(self._priced, "as asked", "baseline", describe(self.config, self.user_optimizer))
+        ran = {asked.batch_size: asked} if asked is not None and asked.batch_size == self.pricer.batch_size else {}
+        first = functools.partial(
+            self._priced, "as asked", "baseline", describe(self.config, self.user_optimizer), ran=ran
+        )
         helping = contextlib.nullcontext() if self.helper is not None else self.on_two_cores()
         with helping, collecting_new_objects_only():
             rows = price_rows(self, groups, first, heard, self.helper)
@@ -175,12 +183,15 @@ class _Table(Table):
         }
         return [unit for group in GROUPS if group in groups for unit in made[group]]
 
-    def _priced(self, name: str, group: str, cost: str, detail: str = "", **change: Any) -> Lever:
-        """The row of the run as asked with `change` (model=, optimizer=, config=) made."""
+    def _priced(
+        self, name: str, group: str, cost: str, detail: str = "", ran: dict[int, Trial] | None = None, **change: Any
+    ) -> Lever:
+        """The row of the run as asked with `change` (model=, optimizer=, config=) made; `ran`:
+        its trials run already (the check's, for the first row)."""
         model = change.get("model", self.model)
         optimizer, config = change.get("optimizer", self.user_optimizer), change.get("config", self.config)
         try:
-            fits, peak, trials = self.pricer.price(model, self.sample, optimizer, self.loss_fn, config)
+            fits, peak, trials = self.pricer.price(model, self.sample, optimizer, self.loss_fn, config, ran)
         except TrialError as error:
             if group == "baseline":
                 raise
