@@ -27,8 +27,8 @@ from batchfit.lever.records import Lever
 
 class Stub(parallel.Table):
     '''Rows that say which process priced them (and what first row they read).'''
-    def __init__(self, fail_at=None, die_at=None, count=8):
-        self.fail_at, self.die_at, self.count = fail_at, die_at, count
+    def __init__(self, fail_at=None, die_at=None, hang_at=None, count=8):
+        self.fail_at, self.die_at, self.hang_at, self.count = fail_at, die_at, hang_at, count
     def units(self, groups):
         return [parallel.Unit(functools.partial(self.row, k), reads_baseline=k % 3 == 0) for k in range(self.count)]
     def row(self, k):
@@ -37,6 +37,8 @@ class Stub(parallel.Table):
             raise ValueError(f"row {k} failed")
         if k == self.die_at and os.getpid() != PARENT:
             os._exit(1)
+        if k == self.hang_at and os.getpid() != PARENT:
+            time.sleep(3600)  # a helper stalled mid-row
         read = self.baseline.name if k % 3 == 0 else ""
         return Lever(f"row {k}", "stub", read, detail="parent" if os.getpid() == PARENT else "helper")
 
@@ -56,6 +58,7 @@ def no_fork(table):
     raise BlockingIOError(11, "Resource temporarily unavailable")  # fork at a process limit
 
 PARENT = os.getpid()
+parallel.STALL_FLOOR_S = 3.0  # rows of 0.2 s: a helper silent for 3 s is stalled
 Helper, got = parallel.Helper, {}
 for case, stub in json.loads(sys.argv[1]):  # in this order: the last two leave no helper
     if case == "no fork":
@@ -75,7 +78,9 @@ for case, stub in json.loads(sys.argv[1]):  # in this order: the last two leave 
                 os._exit(1)
             os._exit(0)
         got["a child can run a backward"] = os.waitpid(child, 0)[1] == 0
+    started = time.monotonic()
     got[json.dumps([case, stub])] = table(**stub)
+    got[json.dumps([case, stub])]["seconds"] = time.monotonic() - started
 print(json.dumps(got))
 """
 CASES = [
@@ -83,6 +88,7 @@ CASES = [
     ("two cores", {"fail_at": 1}),
     ("two cores", {"fail_at": 6}),
     ("two cores", {"die_at": 7}),
+    ("two cores", {"hang_at": 7}),
     ("no fork", {}),
     ("one core", {}),
     ("after a backward", {}),
@@ -129,6 +135,15 @@ def test_an_error_is_raised_after_the_rows_before_it_wherever_it_ran(stubs, fail
     assert got["rows"] == f"ValueError: row {fail_at} failed"
     assert got["heard"] == NAMES[: fail_at + 1]
     assert got["children"] == 0
+
+
+def test_a_helper_that_stalls_is_stopped_and_leaves_its_rows_to_this_process(stubs):
+    """Silent for longer than parallel.STALL_FLOOR_S (here 3 s) while this process waits: the
+    helper is killed (no child left) and the row it held is priced here; the table never hangs."""
+    got = _stub(stubs, "two cores", hang_at=7)
+    assert [row[0] for row in got["rows"]] == NAMES
+    assert got["rows"][-1][2] == "parent" and got["children"] == 0
+    assert 3.0 <= got["seconds"] < 30
 
 
 def test_a_helper_that_dies_leaves_its_rows_to_this_process(stubs):

@@ -21,6 +21,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,6 +34,13 @@ from batchfit.lever.records import Lever
 from batchfit.session import collecting_new_objects_only
 
 _FRONT, _BACK = 0, 1
+
+# A helper silent for this long while this process waits on its rows is taken as stalled (a
+# lock a fork left held, a kernel that hangs): it is stopped and its rows are priced here. The
+# bound is generous (a row can take minutes on a large model): the floor, or so many times the
+# slowest row this process priced, whichever is longer.
+STALL_FLOOR_S = 120.0
+STALL_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -180,7 +188,9 @@ def price(
         helper.go(groups, count)
         if not helper.started or helper.groups != groups:  # gone, or started ahead on other groups
             helper = None
+    slowest = time.monotonic()
     table.baseline = first()
+    slowest = time.monotonic() - slowest
     rows = [table.baseline]
     heard(table.baseline)
     if helper is not None:
@@ -202,13 +212,16 @@ def price(
 
     ahead = iter(range(count))
     while (k := helper.claims.take(_FRONT) if helper else next(ahead, None)) is not None:
+        started = time.monotonic()
         done[k] = _here(units[k])
+        slowest = max(slowest, time.monotonic() - started)
         if helper is not None:
             _collect(helper, done, block=False)
         emit()
     while helper is not None and waiting():
-        if not _collect(helper, done, block=True):
-            for k in waiting():  # it has gone: what it had not sent is priced here
+        if not _collect(helper, done, block=True, timeout=max(STALL_FLOOR_S, STALL_ROWS * slowest)):
+            helper.close()  # gone, or stalled: stopped, so that nothing more comes from it
+            for k in waiting():  # what it had not sent is priced here
                 done[k] = _here(units[k])
     emit()
     return rows
@@ -222,10 +235,13 @@ def _here(unit: Unit) -> Outcome:
         return None, error, []
 
 
-def _collect(helper: Helper, done: dict[int, Outcome], *, block: bool) -> bool:
-    """The helper's finished rows into `done` (with `block`, the next one); False once it is
-    gone (it died, or found it cannot run a backward pass)."""
+def _collect(helper: Helper, done: dict[int, Outcome], *, block: bool, timeout: float | None = None) -> bool:
+    """The helper's finished rows into `done` (with `block`, the next one, waited for `timeout`
+    seconds at most); False once it is gone (it died, found it cannot run a backward pass, or
+    sent nothing within `timeout`)."""
     try:
+        if block and not helper.conn.poll(timeout):
+            return False
         while block or helper.conn.poll():
             kind, *body = helper.conn.recv()
             if kind == "unable":
