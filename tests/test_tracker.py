@@ -51,3 +51,56 @@ def test_dropout_saves_a_bool_mask_as_cuda_does():
     assert x.grad is not None
     with CudaKernelRouting():
         assert torch.nn.functional.dropout(x, 0.1, training=False) is x
+
+
+def test_ctrl_c_while_a_storage_is_freed_is_not_lost():
+    """Python drops what a weakref finalizer raises ("Exception ignored in"): a Ctrl-C that came
+    while the tracker freed a storage was lost, and the command priced its whole table (CI, torch
+    2.13: exit 1 for 130). It is raised again once the finalizer has returned."""
+    tracker = MemoryTracker(capacity=10**9)
+    free = tracker.allocator.free
+    interrupted = []
+
+    def interrupted_free(block):
+        if not interrupted:
+            interrupted.append(block)
+            raise KeyboardInterrupt  # as the signal handler raises it, inside the finalizer
+        free(block)
+
+    tracker.allocator.free = interrupted_free
+    with pytest.raises(KeyboardInterrupt), tracker:
+        a = torch.empty(1024)
+        del a  # the finalizer runs here; what it raises would be dropped
+        torch.empty(8)  # the next operator raises it
+    assert len(interrupted) == 1
+    with tracker:
+        torch.empty(8)  # raised once, not again
+    interrupted.clear()
+    with pytest.raises(KeyboardInterrupt), tracker:
+        b = torch.empty(1024)
+        del b  # no operator after it: leaving the tracker raises it
+
+
+def test_ctrl_c_that_any_finalizer_drops_is_raised_by_the_next_simulated_operator():
+    """Under the command line's SIGINT handler, a Ctrl-C handled inside any weakref callback
+    (torch's caches have them; CI: WeakValueDictionary's `remove`) is noted, and raised again."""
+    import signal
+    import weakref
+
+    from batchfit import interrupts
+
+    class Thing:
+        pass
+
+    previous = signal.signal(signal.SIGINT, interrupts.heard)
+    try:
+        thing = Thing()
+        ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGINT))
+        del thing  # the callback runs, the handler raises inside it, Python drops it
+        assert ref() is None
+        with pytest.raises(KeyboardInterrupt), MemoryTracker(capacity=10**9):
+            torch.empty(8)
+        interrupts.check()  # raised once, not again
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        interrupts.settled()

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from batchfit import interrupts
 from batchfit.config import LR_RULES, MODES, OPTIMIZER_NAMES, PRECISIONS, ROUNDINGS, check_device_name
 from batchfit.gpus import find_gpu
 from batchfit.memory import parse_size
@@ -248,7 +249,9 @@ def import_torch() -> None:
     try:
         import torch  # noqa: F401
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # From now on Python's handler, that also notes each Ctrl-C: one that a finalizer drops
+        # is raised again by the simulated card's next operator (batchfit.interrupts).
+        signal.signal(signal.SIGINT, interrupts.heard)
     if heard:
         raise KeyboardInterrupt
 

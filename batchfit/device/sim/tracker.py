@@ -16,6 +16,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from batchfit import interrupts
 from batchfit.device.sim.allocator import AllocatorOutOfMemory, Block, CachingAllocator
 from batchfit.device.watch import run_tracking_new
 from batchfit.internals import is_dtensor_op, local_shard, propagation_marked, resizes_followed
@@ -108,9 +109,14 @@ class MemoryTracker(TorchDispatchMode):
             self._live[key] = self._malloc(nbytes)
 
     def _free(self, key: int) -> None:
-        block = self._live.pop(key, None)
-        if block is not None:
-            self.allocator.free(block)
+        try:
+            block = self._live.pop(key, None)
+            if block is not None:
+                self.allocator.free(block)
+        except KeyboardInterrupt:
+            # Python prints and drops what a finalizer raises: raised again by the next operator,
+            # or when the tracker is left (batchfit.interrupts).
+            interrupts.lost()
 
     def reset_peak(self) -> None:
         self.allocator.reset_peaks()
@@ -131,10 +137,13 @@ class MemoryTracker(TorchDispatchMode):
             if self._depth == 0 and self._resizes is not None:
                 self._resizes.close()
                 self._resizes = None
+            if exc[0] is None:
+                interrupts.check()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         # A mode sees an op before its tensor subclasses do. Declining DTensor's ops lets DTensor
         # run them as ops on local shards, which come back here and are counted at shard size.
+        interrupts.check()
         if is_dtensor_op(types):
             return NotImplemented
         if self._propagating[0]:  # DTensor's metadata pass on global-shape stand-ins: no rank's memory
