@@ -4,8 +4,8 @@ them) is printed as "Exception ignored in ..." and lost, and the command went on
 (CI: 1 run in 20 priced its whole lever table after Ctrl-C and exited 1, not 130).
 
 The command line's SIGINT handler (`heard`) notes each Ctrl-C as it raises it; `check`, called
-by the simulated card at each operator, raises one again if it is still noted. Whoever catches
-a KeyboardInterrupt and goes on (none here does: the commands stop) would call `settled`.
+by the simulated card at each operator, raises one again if it is still noted (once: no one
+here catches a KeyboardInterrupt and goes on, the commands stop).
 """
 
 from __future__ import annotations
@@ -34,8 +34,3 @@ def check() -> None:
     if _pending:
         _pending = False
         raise KeyboardInterrupt
-
-
-def settled() -> None:
-    global _pending
-    _pending = False

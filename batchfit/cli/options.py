@@ -240,18 +240,17 @@ def import_torch() -> None:
     torch's C++ start-up is lost (its own numpy import turns it into a warning, and the command
     went on) or aborts the process (pybind11: "terminate called ... KeyboardInterrupt", exit -6).
     A user who started the command with SIGINT ignored keeps it ignored."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        import torch
-
-        return
+    held = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     heard: list[int] = []
-    signal.signal(signal.SIGINT, lambda number, frame: heard.append(number))
+    if held:
+        signal.signal(signal.SIGINT, lambda number, frame: heard.append(number))
     try:
         import torch  # noqa: F401
     finally:
-        # From now on Python's handler, that also notes each Ctrl-C: one that a finalizer drops
-        # is raised again by the simulated card's next operator (batchfit.interrupts).
-        signal.signal(signal.SIGINT, interrupts.heard)
+        if held:
+            # From now on Python's handler, that also notes each Ctrl-C: one that a finalizer drops
+            # is raised again by the simulated card's next operator (batchfit.interrupts).
+            signal.signal(signal.SIGINT, interrupts.heard)
     if heard:
         raise KeyboardInterrupt
 
