@@ -203,9 +203,9 @@ def table():
     return [[r.name, r.fits, r.peak_at_batch, r.predicted_peak, r.detail, [t.to_dict() for t in r.trials]]
             for r in rows]
 received, collect = [], parallel._collect
-def counting(helper, done, block):
+def counting(helper, done, block, **more):
     before = len(done)
-    alive = collect(helper, done, block=block)
+    alive = collect(helper, done, block=block, **more)
     received.append(len(done) - before)
     return alive
 parallel._collect = counting
