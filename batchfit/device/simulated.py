@@ -5,8 +5,9 @@ CUDA's caching allocator, and CUDA's autocast and kernel choices where memory de
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -17,10 +18,12 @@ from batchfit.device.base import Device, Measurement, named_tensors
 from batchfit.device.sim.attention import CudaBuild
 from batchfit.device.sim.autocast import CudaAutocastPolicy
 from batchfit.device.sim.sdpa import AttentionRouter
+from batchfit.device.sim.stream import Replay
 from batchfit.device.sim.tracker import CudaKernelRouting, MemoryTracker
 from batchfit.gpus import HOPPER_WORKSPACES
 from batchfit.internals import local_shard
 from batchfit.memory import format_size
+from batchfit.result import Trial
 
 FREE_RAM = "this machine's free RAM"
 """The name of a simulated card sized by the free RAM (no --memory, --gpu or CUDA GPU)."""
@@ -205,12 +208,10 @@ class SimulatedDevice(Device):
                 yield result
                 self.attention.finish(len(result.step_seconds))
             finally:
-                allocator = self.tracker.allocator
-                result.peak_allocated = allocator.peak_allocated
-                result.peak_reserved = allocator.peak_reserved
-                result.peak_inactive_split = allocator.peak_inactive_split
-                result.largest_alloc = allocator.largest_request
-                result.alloc_retries = allocator.num_alloc_retries - retries
+                peaks = self.tracker.allocator.peaks()
+                result.peak_allocated, result.peak_reserved = peaks.allocated, peaks.reserved
+                result.peak_inactive_split, result.largest_alloc = peaks.inactive_split, peaks.largest_request
+                result.alloc_retries = peaks.alloc_retries - retries
             deferred, self.tracker.deferred = self.tracker.deferred, None
             if deferred is not None:
                 raise deferred
@@ -230,6 +231,13 @@ class SimulatedDevice(Device):
         # trial, so a card too small even for them runs out of memory like any trial.
         for nbytes in self.workspaces[len(self._workspace_blocks) :]:
             self._workspace_blocks.append(self.tracker.reserve(nbytes))
+
+    def replaying(self, run: Callable[[int], Trial]) -> Callable[[int], Trial]:
+        """`run` (the trials of one model held on this card) with each size that the trials run
+        so far show exactly replayed through the allocator model instead (sim/stream.py)."""
+        if self.compute != "fake":
+            return run
+        return functools.partial(Replay().run, allocator=self.tracker.allocator, real=run)
 
     def empty_cache(self) -> None:
         self.tracker.allocator.empty_cache()

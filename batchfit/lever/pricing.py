@@ -55,8 +55,11 @@ class Pricer:
         """
         ran = ran or {}
         smallest = 2 if has_batchnorm(model) else 1
-        with holding(model, sample, self.card(), optimizer, loss_fn, config, None) as probe:
-            ledger = price(lambda b: ran.get(b) or probe.run(b), self.budget, self.batch_size, smallest)
+        card = self.card()
+        with holding(model, sample, card, optimizer, loss_fn, config, None) as probe:
+            # A compiled step recompiles between sizes: every one of its trials is run.
+            run = probe.run if config.compile or not isinstance(card, SimulatedDevice) else card.replaying(probe.run)
+            ledger = price(lambda b: ran.get(b) or run(b), self.budget, self.batch_size, smallest)
         asked = ledger.order[0]
         return ledger.verified(), asked.peak_reserved if asked.ok else None, ledger.order
 

@@ -56,6 +56,15 @@ def segment_size(size: int) -> int:
     return -(-size // ROUND_LARGE) * ROUND_LARGE
 
 
+@dataclass(frozen=True)
+class Peaks:
+    allocated: int
+    reserved: int
+    inactive_split: int
+    largest_request: int
+    alloc_retries: int
+
+
 @dataclass(eq=False)
 class Block:
     """A piece of a segment, allocated or free."""
@@ -89,9 +98,14 @@ class CachingAllocator:
         self._pools: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # (size, address), sorted
         self._free: dict[int, Block] = {}  # address -> free block
         self._next_address = 0
+        self.log: list[tuple[str, int]] | None = None
+        """While a trial is recorded (`stream.recording`): each call, ('m', bytes asked), ('f', block),
+        ('e',), ('r',) or ('p',) where the peaks are read; the block is the `id` malloc handed out."""
 
     def malloc(self, nbytes: int) -> Block:
         """Serve a request of `nbytes`; AllocatorOutOfMemory if the device cannot."""
+        if self.log is not None:
+            self.log.append(("m", nbytes))
         size = round_size(nbytes)
         small = size <= SMALL_SIZE
         self.largest_request = max(self.largest_request, size)
@@ -115,10 +129,14 @@ class CachingAllocator:
         block.free = False
         self.allocated += block.size
         self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.log is not None:
+            self.log.append(("b", id(block)))
         return block
 
     def free(self, block: Block) -> None:
         """Return `block` to its pool, merged with free neighbours."""
+        if self.log is not None:
+            self.log.append(("f", id(block)))
         self.allocated -= block.size
         block.free = True
         for neighbour in (block.prev, block.next):
@@ -137,13 +155,29 @@ class CachingAllocator:
 
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache(): hand back every segment that is wholly free."""
+        if self.log is not None:
+            self.log.append(("e", 0))
         self._release_cached()
 
     def reset_peaks(self) -> None:
+        if self.log is not None:
+            self.log.append(("r", 0))
         self.peak_allocated = self.allocated
         self.peak_reserved = self.reserved
         self.peak_inactive_split = self.inactive_split
         self.largest_request = 0
+
+    def peaks(self) -> Peaks:
+        """What a trial's measurement reads: the peaks since `reset_peaks`, and the retries so far."""
+        if self.log is not None:
+            self.log.append(("p", 0))
+        return Peaks(
+            self.peak_allocated,
+            self.peak_reserved,
+            self.peak_inactive_split,
+            self.largest_request,
+            self.num_alloc_retries,
+        )
 
     def _best_fit(self, small: bool, size: int) -> Block | None:
         pool = self._pools[small]
