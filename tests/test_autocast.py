@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import card, needs_hf
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -122,3 +123,45 @@ def test_sessions_do_not_nest_but_follow_each_other():
         pass
     with policy.installed(), torch.autocast("cpu", dtype=torch.bfloat16):  # installable again afterwards
         assert torch.pow(torch.ones(2).bfloat16(), 2.0).dtype == torch.float32
+
+
+def test_cast_weights_are_dropped_where_the_outermost_region_exits():
+    """As torch.autocast drops its cache: checkpoint's recompute in backward opens a region of its
+    own, whose cast weights CUDA frees at its exit; kept, they stayed until the next step's forward."""
+    weight, x = torch.randn(16, 16, requires_grad=True), torch.randn(4, 16)
+    clear = torch.clear_autocast_cache
+    policy = CudaAutocastPolicy()
+
+    def cast(out: torch.Tensor) -> object:
+        return out.grad_fn.next_functions[1][0]
+
+    with policy.installed():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a = torch.mm(x, weight)
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # nested: the region goes on
+                assert cast(torch.mm(x, weight)) is cast(a)
+            assert cast(torch.mm(x, weight)) is cast(a)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cast(torch.mm(x, weight)) is not cast(a)
+    assert torch.clear_autocast_cache is clear
+
+
+@needs_hf
+def test_a_checkpointed_bf16_trial_leaves_no_cast_weights_to_the_next():
+    from test_levers import tiny_gpt2
+
+    from batchfit.changes import enable_checkpointing
+    from batchfit.config import ProbeConfig
+    from batchfit.device import resolve_device
+    from batchfit.device.sim.stream import record
+    from batchfit.session import holding
+
+    model, sample = tiny_gpt2()
+    enable_checkpointing(model)
+    config = ProbeConfig(memory=card(512), precision="bf16")
+    device = resolve_device("simulated", config)
+    with holding(model, sample, device, None, None, config, None) as probe:
+        probe.run(4)
+        # Carried over, the last trial's cast weights would be freed in this one's forward.
+        after = record(device.tracker.allocator, probe.run, 4)
+        assert after.trial.ok and after.replayable

@@ -113,6 +113,15 @@ class CudaAutocastPolicy:
         with self._lock:
             CudaAutocastPolicy._owner = threading.get_ident()
             library = torch.library.Library("aten", "IMPL")
+            clear = torch.clear_autocast_cache
+
+            def clear_both() -> None:
+                # Autocast drops its cast weights where its outermost region exits; so do these, on
+                # the same call (checkpoint's recompute in backward opens and closes a region of its own).
+                clear()
+                self._cache.clear()
+
+            torch.clear_autocast_cache = clear_both
             try:
                 policy = cuda_policy()
                 with warnings.catch_warnings():
@@ -121,6 +130,7 @@ class CudaAutocastPolicy:
                     self._register(library, policy)
                 yield
             finally:
+                torch.clear_autocast_cache = clear
                 library._destroy()
                 self._cache.clear()
                 CudaAutocastPolicy._owner = None
