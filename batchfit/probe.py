@@ -263,6 +263,7 @@ def preflight(
                 batch_size,
                 _smallest(session, config),
                 config.max_trials,
+                over=model_need(model, optimizer, dev)[0] > budget,
             )
             largest = below.verified()
             line = fit_trials(below.order) if largest else None

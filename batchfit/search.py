@@ -65,6 +65,9 @@ class Ledger:
     last: Move | None = None
     asked: int | None = None
     """The pricing variant's batch asked (`next_price_move`)."""
+    over: bool = False
+    """The model alone (weights, gradients, optimizer state) needs more than the budget: when the
+    batch asked does not fit, the pricing variant tries the smallest size next, not half."""
 
     def record(self, move: Move, trial: Trial) -> None:
         self.trials[trial.batch_size] = trial
@@ -273,6 +276,8 @@ def next_price_move(ledger: Ledger) -> Move:
         return Move(ledger.asked, "price: the batch asked", "descending")
     best, last = ledger.verified(), ledger.order[-1]
     if not best:
+        if last.batch_size > ledger.start and ledger.over:
+            return Move(ledger.start, "price: the model alone needs more than the budget", "descending")
         if last.batch_size > ledger.start:
             half = max(ledger.start, last.batch_size // 2)
             return Move(half, "price: halve to a size within the budget", "descending")
@@ -308,10 +313,18 @@ def _price_refine(ledger: Ledger, best: int, ran: list[int]) -> int | None:
     return None if guess <= best or guess in ledger.trials else guess
 
 
-def price(run: Callable[[int], Trial], budget: int, batch_size: int, smallest: int = 1, max_trials: int = 40) -> Ledger:
+def price(
+    run: Callable[[int], Trial],
+    budget: int,
+    batch_size: int,
+    smallest: int = 1,
+    max_trials: int = 40,
+    over: bool = False,
+) -> Ledger:
     """The search down from a batch asked (the lever table's rows, preflight's largest size): its
-    trials at `batch_size` and below, in a ledger (`verified()`: the largest within `budget`, unrounded)."""
-    ledger = Ledger(budget=budget, cap=_UNBOUNDED, rounding="none", start=smallest, asked=batch_size)
+    trials at `batch_size` and below, in a ledger (`verified()`: the largest within `budget`,
+    unrounded). `over`: the model alone needs more than the budget (`Ledger.over`)."""
+    ledger = Ledger(budget=budget, cap=_UNBOUNDED, rounding="none", start=smallest, asked=batch_size, over=over)
     drive(ledger, run, next_price_move, max_trials)
     return ledger
 
@@ -327,20 +340,10 @@ def _bisect(
 ) -> int:
     """Largest size that runs: double past `low` until a failure, then bisect."""
     budget_trials = max_trials * 2  # exactness is asked for; allow it more room
-    while high is None and len(order) < budget_trials:
-        nxt = min(low * 2, cap)
-        if nxt == low:
+    while len(order) < budget_trials and (high is None or high - low > 1):
+        size = min(low * 2, cap) if high is None else (low + high) // 2
+        if size == low:  # doubling stopped at the cap
             return low
-        trial = trials.get(nxt) or attempt(nxt)
-        if trial.ok:
-            low = nxt
-        else:
-            high = nxt
-    while high is not None and high - low > 1 and len(order) < budget_trials:
-        mid = (low + high) // 2
-        trial = trials.get(mid) or attempt(mid)
-        if trial.ok:
-            low = mid
-        else:
-            high = mid
+        trial = trials.get(size) or attempt(size)
+        low, high = (size, high) if trial.ok else (low, size)
     return low

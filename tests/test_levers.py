@@ -363,3 +363,39 @@ def test_an_oom_in_a_checkpointed_backward_leaves_nothing_behind():
         assert not probe.run(32).ok
         after = probe.run(16)
     assert fresh.ok and after.ok and after.peak_allocated == fresh.peak_allocated
+
+
+def test_a_model_over_the_budget_before_any_batch_costs_two_trials_a_row(monkeypatch):
+    """Weights, gradients and AdamW state of 16 MiB of weights: 64 MiB on a 25.6 MiB budget. A row
+    tries the batch asked (its peak column) and the smallest size, not every half between."""
+    model, sample = linear_stack(4, 1024), torch.randn(1024)
+    priced = batchfit.levers(model, sample, 64, memory=card(32), optimizer=OPTIMIZERS["adamw"], groups=("optimizer",))
+    rows = [row for row in priced.levers if row.applies]
+    assert [row.fits for row in rows] == [0] * len(rows) and len(rows) >= 3
+    assert all([t.batch_size for t in row.trials] == [64, 1] for row in rows)
+    import batchfit.lever.pricing as pricing
+
+    monkeypatch.setattr(pricing, "model_need", lambda *args: (0, ""))  # as if the bound were unknown
+    halving = batchfit.levers(model, sample, 64, memory=card(32), optimizer=OPTIMIZERS["adamw"], groups=("optimizer",))
+    assert [(r.name, r.fits, r.peak_at_batch) for r in halving.levers] == [
+        (r.name, r.fits, r.peak_at_batch) for r in priced.levers
+    ]
+    assert [t.batch_size for t in halving.levers[0].trials] == [64, 32, 16, 8, 4, 2, 1]
+
+
+@needs_hf
+def test_no_sequence_length_fits_a_model_over_the_budget_after_one_trial(monkeypatch):
+    import transformers as hf
+
+    model = hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=30000, n_positions=256))
+    ids = torch.randint(0, 1000, (256,))
+    sample = {"input_ids": ids, "labels": ids.clone()}  # 4.2M weights: 67 MiB with AdamW before any batch
+    from batchfit.lever.table import prepare
+
+    table = prepare(model, sample, 8, memory=card(48), optimizer=OPTIMIZERS["adamw"])
+    table.baseline = batchfit.lever.records.Lever("as asked", "baseline", "", 0, None)
+    shortest: list[int] = []
+    one = type(table)._one
+    monkeypatch.setattr(type(table), "_one", lambda self, s, b: shortest.append(len(s["input_ids"])) or one(self, s, b))
+    row = table.sequence()
+    assert row.detail == "does not apply: no length fits the batch asked" and shortest == [1]

@@ -251,3 +251,13 @@ def test_price_move_reasons():
     nothing = Ledger(budget=MB, cap=2**40, rounding="none", start=2, asked=2)
     nothing.record(next_price_move(nothing), Trial(batch_size=2, ok=False))
     assert next_price_move(nothing).batch_size is None
+
+
+def test_price_tries_the_smallest_size_next_when_the_model_alone_is_over_the_budget():
+    hopeless, calls = device(40 * GB, 0.1 * GB, 80 * GB)  # 40 GB before any batch, budget 32 GB
+    assert price(hopeless, 32 * GB, 64, smallest=2, over=True).verified() == 0 and calls == [64, 2]
+    # A bound that was wrong (a weight without gradients, say) costs one trial, not the answer.
+    run, calls = device(1 * GB, 0.1 * GB, 40 * GB)
+    ledger = price(run, 32 * GB, 1000, over=True)
+    assert calls[:2] == [1000, 1] and ledger.verified() >= 310 - 310 // 16 and ledger.verified() in calls
+    assert ledger.moves[1].reason == "price: the model alone needs more than the budget"

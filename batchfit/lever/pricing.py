@@ -18,7 +18,7 @@ from batchfit.memory import MemoryLine, fit_line
 from batchfit.optimizers import DEFAULT_SGD, OPTIMIZERS
 from batchfit.result import Trial
 from batchfit.search import price
-from batchfit.session import has_batchnorm, holding
+from batchfit.session import has_batchnorm, holding, model_need
 
 
 @dataclass
@@ -59,7 +59,8 @@ class Pricer:
         with holding(model, sample, card, optimizer, loss_fn, config, None) as probe:
             # A compiled step recompiles between sizes: every one of its trials is run.
             run = probe.run if config.compile or not isinstance(card, SimulatedDevice) else card.replaying(probe.run)
-            ledger = price(lambda b: ran.get(b) or run(b), self.budget, self.batch_size, smallest)
+            over = model_need(model, optimizer, card)[0] > self.budget
+            ledger = price(lambda b: ran.get(b) or run(b), self.budget, self.batch_size, smallest, over=over)
         asked = ledger.order[0]
         return ledger.verified(), asked.peak_reserved if asked.ok else None, ledger.order
 
