@@ -399,3 +399,15 @@ def test_no_sequence_length_fits_a_model_over_the_budget_after_one_trial(monkeyp
     monkeypatch.setattr(type(table), "_one", lambda self, s, b: shortest.append(len(s["input_ids"])) or one(self, s, b))
     row = table.sequence()
     assert row.detail == "does not apply: no length fits the batch asked" and shortest == [1]
+
+
+def test_an_optimizer_whose_step_reads_values_is_found_without_a_trial(monkeypatch):
+    from batchfit.lever import pricing
+    from batchfit.lever.table import prepare
+
+    factories = {name: factory for name, (factory, _) in pricing.optimizers().items() if factory}
+    assert [name for name, f in factories.items() if pricing.reads_values(f)] == ["Adafactor"]
+    table = prepare(nn.Linear(64, 64), torch.randn(64), 8, memory=card(32))
+    monkeypatch.setattr(pricing.Pricer, "price", lambda *args, **kwargs: pytest.fail("a trial ran"))
+    row = table.optimizer("Adafactor")
+    assert not row.applies and "its step reads tensor values (.item())" in row.detail

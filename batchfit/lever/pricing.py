@@ -77,6 +77,27 @@ def line_of(trials: list[Trial]) -> MemoryLine | None:
     return fit_line([(t.batch_size, t.peak_reserved) for t in top])
 
 
+READS_VALUES = "its step reads tensor values (.item()), which the simulated device's fake tensors do not have"
+
+
+def reads_values(factory: Callable[..., torch.optim.Optimizer]) -> bool:
+    """Whether the optimizer's step reads tensor values (Adafactor's `.item()`), which no trial on
+    fake tensors can give, whatever the batch: found by one step on a 4 x 4 stand-in, in
+    milliseconds, not by trials that run a whole step each before they fail."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    with FakeTensorMode():
+        weight = torch.zeros(4, 4, requires_grad=True)
+        weight.grad = torch.zeros(4, 4)
+        try:
+            factory([weight]).step()
+        except DataDependentOutputException:
+            return True
+        except Exception:  # anything else is for the trials to find and report
+            return False
+    return False
+
+
 def optimizers() -> dict[str, tuple[Callable[..., torch.optim.Optimizer] | None, str]]:
     """The optimizer rows: name -> (factory, cost); None where this torch lacks it."""
     adafactor = getattr(torch.optim, "Adafactor", None)

@@ -28,6 +28,7 @@ from batchfit.changes import (
 )
 from batchfit.config import Precision, ProbeConfig, check_positive_int
 from batchfit.device import Device, SimulatedDevice, timer
+from batchfit.lever import pricing
 from batchfit.lever.parallel import Helper, Table, Unit, helping
 from batchfit.lever.parallel import price as price_rows
 from batchfit.lever.pricing import Pricer, cards_for, describe, line_of, optimizers, same_optimizer
@@ -195,11 +196,7 @@ class _Table(Table):
         except TrialError as error:
             if group == "baseline":
                 raise
-            reason = (
-                "its step reads tensor values (.item()), which the simulated device's fake tensors do not have"
-                if "_local_scalar_dense" in str(error)
-                else str(error)
-            )
+            reason = pricing.READS_VALUES if "_local_scalar_dense" in str(error) else str(error)
             return _not_applicable(name, group, cost, f"cannot run on the simulated device: {reason}")
         predicted = None
         if peak is None:
@@ -249,6 +246,9 @@ class _Table(Table):
         if self._asked(name):
             asked = cost.split(";")[0]  # not "a different optimizer" when it is the one asked
             return replace(self.baseline, name=name, group="optimizer", cost=asked, detail="the optimizer asked")
+        if pricing.reads_values(factory):
+            why = f"cannot run on the simulated device: {pricing.READS_VALUES}"
+            return _not_applicable(name, "optimizer", cost, why)
         return self._priced(name, "optimizer", cost, optimizer=factory)
 
     def frozen(self) -> Lever:
