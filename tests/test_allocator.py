@@ -90,3 +90,27 @@ def test_invariants_under_any_malloc_free_sequence(ops):
         allocator.free(block)
     allocator.empty_cache()
     assert allocator.reserved == 0 and allocator.inactive_split == 0
+
+
+def test_a_copy_of_thousands_of_blocks_in_one_segment_behaves_as_the_original_and_apart_from_it():
+    """deepcopy recursed along a segment's chain (RecursionError at 3,000 blocks of 512 B)."""
+    import random
+
+    from batchfit.device.sim.stream import state
+
+    original = CachingAllocator(2**34)
+    blocks = [original.malloc(512) for _ in range(3000)] + [original.malloc(3 * 2**20) for _ in range(10)]
+    for block in blocks[::2]:
+        original.free(block)
+    twin = original.copy()
+    assert state(twin) == state(original)
+    sizes = random.Random(0).choices([512, 4096, 2**20, 5 * 2**20, 30 * 2**20], k=400)
+    for allocator in (twin, original):
+        live = []
+        for i, size in enumerate(sizes):
+            live.append(allocator.malloc(size))
+            if i % 3 == 0:
+                allocator.free(live.pop(0))
+    assert state(twin) == state(original) and twin.peak_reserved == original.peak_reserved
+    original.free(blocks[1])  # the original's own blocks stay its own
+    assert state(twin) != state(original)

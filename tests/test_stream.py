@@ -187,3 +187,14 @@ def test_the_log_names_blocks_by_request_and_sets_the_workspaces_apart():
     assert second.held == () and second.shape == first.shape and first.settled == second.settled
     assert stream._replayed(second, third, 4, like=first) == first.trial
     assert stream._replayed(second, third, 32) == trial(32)
+
+
+def test_a_model_of_many_small_weights_is_priced():
+    """800 weights of under 512 B: one segment of the small pool holds a chain of 800 blocks, which
+    a recursive copy of the allocator could not copy (RecursionError found on ResNet-152's table)."""
+
+    def case() -> tuple[nn.Module, Any, Any, ProbeConfig]:
+        return nn.Sequential(*[nn.Linear(8, 8) for _ in range(400)]), torch.randn(8), sgd, ProbeConfig()
+
+    fits, _, trials = _row(case, 24, 4096)
+    assert fits > 0 and any(t.ok for t in trials)

@@ -26,6 +26,7 @@ the tensors' storage sizes (kernels' private workspaces are not seen; see `works
 from __future__ import annotations
 
 import bisect
+import copy
 from dataclasses import dataclass, field
 
 from batchfit.memory import MIN_BLOCK, round_size
@@ -178,6 +179,28 @@ class CachingAllocator:
             self.largest_request,
             self.num_alloc_retries,
         )
+
+    def copy(self) -> CachingAllocator:
+        """An independent copy to replay calls on (device/sim/stream.py). Built block by block, not
+        by deepcopy, which recurses along a segment's chain: a 2 MiB segment of 512 B blocks holds 4,096."""
+        new = copy.copy(self)
+        new.log, new._pools = None, {small: list(pool) for small, pool in self._pools.items()}
+        twins: dict[int, Block] = {}
+        for free in self._free.values():
+            head = free
+            while head.prev is not None:
+                head = head.prev
+            if id(head) in twins:
+                continue
+            previous, block = None, head  # type: Block | None, Block | None
+            while block is not None:
+                twin = Block(block.address, block.size, block.small, block.free, prev=previous)
+                if previous is not None:
+                    previous.next = twin
+                twins[id(block)] = previous = twin
+                block = block.next
+        new._free = {address: twins[id(block)] for address, block in self._free.items()}
+        return new
 
     def _best_fit(self, small: bool, size: int) -> Block | None:
         pool = self._pools[small]

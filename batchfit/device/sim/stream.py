@@ -19,7 +19,6 @@ replayed.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,7 +48,7 @@ class Stream:
     """The allocator's `state` once the held requests are made: what the trials after it find."""
 
     def __post_init__(self) -> None:
-        allocator = copy.deepcopy(self.start)
+        allocator = self.start.copy()
         for size in self.held:
             with contextlib.suppress(AllocatorOutOfMemory):
                 allocator.malloc(size)
@@ -71,8 +70,7 @@ def state(allocator: CachingAllocator) -> tuple[object, ...]:
 
 def record(allocator: CachingAllocator, run: Callable[[int], Trial], batch_size: int) -> Stream:
     """`run(batch_size)` with `allocator`'s calls recorded."""
-    start = copy.deepcopy(allocator)
-    start.log = None
+    start = allocator.copy()
     log: list[tuple[str, int]] = []
     allocator.log = log
     try:
@@ -198,7 +196,7 @@ def _replayed(a: Stream, b: Stream, batch_size: int, like: Stream | None = None)
     sizes = _sizes(a, b, batch_size)
     if sizes is None:
         return None
-    allocator = copy.deepcopy(like.start if like is not None else b.start)
+    allocator = (like or b).start.copy()
     if like is None:
         for size in b.held:
             allocator.malloc(size)
