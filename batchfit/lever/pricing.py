@@ -51,7 +51,9 @@ class Pricer:
         The search's pricing variant (`search.price`): from the batch asked down by halves to one
         within the budget, a second point for the variant's memory line, then the line's answer
         verified by a trial and refined (three times at most, to within 1/16). `ran`: trials of
-        this variant already run on a card like these (the check's), not run again.
+        this variant already run on a card like these (the check's), not run again. A size the
+        trials run so far show exactly is replayed, not run (`SimulatedDevice.replaying`); a model
+        that needs more than the budget before any batch goes to the smallest size next (`over`).
         """
         ran = ran or {}
         smallest = 2 if has_batchnorm(model) else 1
