@@ -250,6 +250,7 @@ def preflight(
     budget = memory_budget(dev.capacity, config.margin)
     largest, line = None, None
     with holding(model, sample, dev, optimizer, loss_fn, config, None) as session:
+        need, parts = model_need(model, optimizer, dev)
         trial = session.run(batch_size)
         fits = trial.within(budget)
         if not fits and find_largest:
@@ -263,11 +264,10 @@ def preflight(
                 batch_size,
                 _smallest(session, config),
                 config.max_trials,
-                over=model_need(model, optimizer, dev)[0] > budget,
+                over=need > budget,
             )
             largest = below.verified()
             line = fit_trials(below.order) if largest else None
-    need, parts = model_need(model, optimizer, dev)
     check = CheckResult(
         batch_size=batch_size,
         fits=fits,

@@ -73,6 +73,12 @@ def model_need(model: nn.Module, optimizer: Any, device: Device) -> tuple[int, s
     return need, ", ".join(parts)
 
 
+def needs_more_than(model: nn.Module, optimizer: Any, device: Device, budget: int) -> bool:
+    """Whether the model alone (`model_need`: weights, gradients, optimizer state) needs more than
+    `budget`: no batch can fit, and a search down from a batch asked may go to its smallest size."""
+    return model_need(model, optimizer, device)[0] > budget
+
+
 def _tensors(model: nn.Module) -> list[Any]:
     return [*model.parameters(), *model.buffers()]
 

@@ -90,7 +90,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS))
     args = parser.parse_args()
-    rows = breakdown(args.model, args.device, args.batch, args.trials, args.optimizer)
+    try:
+        rows = breakdown(args.model, args.device, args.batch, args.trials, args.optimizer)
+    except ValueError as error:  # an unknown model or device: one line
+        parser.error(str(error))
     later = rows[1:] or rows  # the first trial pays first calls (kernels, allocator warm-up)
     print(f"{args.model} on {args.device}, batch {args.batch}, {len(later)} trials after the first; median s")
     print("| part | first trial | median of the rest |")

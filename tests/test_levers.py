@@ -375,7 +375,7 @@ def test_a_model_over_the_budget_before_any_batch_costs_two_trials_a_row(monkeyp
     assert all([t.batch_size for t in row.trials] == [64, 1] for row in rows)
     import batchfit.lever.pricing as pricing
 
-    monkeypatch.setattr(pricing, "model_need", lambda *args: (0, ""))  # as if the bound were unknown
+    monkeypatch.setattr(pricing, "needs_more_than", lambda *args: False)  # as if the bound were unknown
     halving = batchfit.levers(model, sample, 64, memory=card(32), optimizer=OPTIMIZERS["adamw"], groups=("optimizer",))
     assert [(r.name, r.fits, r.peak_at_batch) for r in halving.levers] == [
         (r.name, r.fits, r.peak_at_batch) for r in priced.levers

@@ -198,3 +198,31 @@ def test_a_model_of_many_small_weights_is_priced():
 
     fits, _, trials = _row(case, 24, 4096)
     assert fits > 0 and any(t.ok for t in trials)
+
+
+def test_a_row_with_replays_leaves_the_users_model_and_optimizer_bitwise_as_they_were(monkeypatch):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3, 16, 16)).sum().backward()
+    optimizer.step()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    momentum = {k: v["momentum_buffer"].clone() for k, v in optimizer.state_dict()["state"].items()}
+    replayed: list[int] = []
+    replay = Replay.replay
+
+    def counted(self: Replay, size: int, allocator: CachingAllocator) -> Trial | None:
+        trial = replay(self, size, allocator)
+        if trial is not None:
+            replayed.append(size)
+        return trial
+
+    monkeypatch.setattr(Replay, "replay", counted)
+    pricer = Pricer(lambda: SimulatedDevice(card(24)), budget(card(24), 0.2), 512)
+    fits, _, _ = pricer.price(model, torch.randn(3, 16, 16), optimizer, _loss, ProbeConfig())
+    assert fits > 0 and replayed
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(momentum[k], after[k]["momentum_buffer"]) for k in momentum)

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
+
+from batchfit.result import Trial
 
 
 @dataclass
@@ -92,6 +94,11 @@ class Device:
     def first_step(self, measurement: Measurement) -> Iterator[None]:
         """Around a trial's first step (untimed): where per-allocation watching may cost time."""
         yield
+
+    def replaying(self, run: Callable[[int], Trial]) -> Callable[[int], Trial]:
+        """`run` (the trials of one model held here), or a stand-in that gives some sizes without
+        running them where that is exact (the simulated card's replays); a real card runs every one."""
+        return run
 
     def synchronize(self) -> None:
         """Wait for queued work so step times are real."""

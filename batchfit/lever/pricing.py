@@ -18,7 +18,7 @@ from batchfit.memory import MemoryLine, fit_line
 from batchfit.optimizers import DEFAULT_SGD, OPTIMIZERS
 from batchfit.result import Trial
 from batchfit.search import price
-from batchfit.session import has_batchnorm, holding, model_need
+from batchfit.session import has_batchnorm, holding, needs_more_than
 
 
 @dataclass
@@ -60,8 +60,8 @@ class Pricer:
         card = self.card()
         with holding(model, sample, card, optimizer, loss_fn, config, None) as probe:
             # A compiled step recompiles between sizes: every one of its trials is run.
-            run = probe.run if config.compile or not isinstance(card, SimulatedDevice) else card.replaying(probe.run)
-            over = model_need(model, optimizer, card)[0] > self.budget
+            run = probe.run if config.compile else card.replaying(probe.run)
+            over = needs_more_than(model, optimizer, card, self.budget)
             ledger = price(lambda b: ran.get(b) or run(b), self.budget, self.batch_size, smallest, over=over)
         asked = ledger.order[0]
         return ledger.verified(), asked.peak_reserved if asked.ok else None, ledger.order

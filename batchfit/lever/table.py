@@ -38,7 +38,7 @@ from batchfit.memory import budget as memory_budget
 from batchfit.plan import plan_global_batch
 from batchfit.result import Trial
 from batchfit.samples import choose
-from batchfit.session import collecting_new_objects_only, model_need
+from batchfit.session import collecting_new_objects_only, needs_more_than
 from batchfit.trial import TrialError, loss_for
 
 LORA_RANK = 8
@@ -299,7 +299,7 @@ class _Table(Table):
                 tried[length] = self._one(shorten(self.sample, length), self.pricer.batch_size)
             return self.pricer.within(tried[length])
 
-        over = model_need(self.model, self.user_optimizer, self.planned)[0] > self.pricer.budget
+        over = needs_more_than(self.model, self.user_optimizer, self.planned, self.pricer.budget)
         if over and not fits_at(1):  # the model alone needs more than the budget: the shortest first
             return _not_applicable(name, "sequence", cost, "no length fits the batch asked")
         good, bad, length = 0, full, full

@@ -59,6 +59,8 @@ def segment_size(size: int) -> int:
 
 @dataclass(frozen=True)
 class Peaks:
+    """What a trial's measurement reads off the allocator, in one call (one event when recorded)."""
+
     allocated: int
     reserved: int
     inactive_split: int
@@ -100,8 +102,9 @@ class CachingAllocator:
         self._free: dict[int, Block] = {}  # address -> free block
         self._next_address = 0
         self.log: list[tuple[str, int]] | None = None
-        """While a trial is recorded (`stream.recording`): each call, ('m', bytes asked), ('f', block),
-        ('e',), ('r',) or ('p',) where the peaks are read; the block is the `id` malloc handed out."""
+        """While a trial is recorded (`stream.record`): each call, as ('m', bytes asked) then ('b', the
+        `id` of the block handed out), ('f', that id), ('e', 0), ('r', 0), and ('p', 0) where the
+        peaks are read."""
 
     def malloc(self, nbytes: int) -> Block:
         """Serve a request of `nbytes`; AllocatorOutOfMemory if the device cannot."""

@@ -19,6 +19,7 @@ replayed.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,7 +55,7 @@ class Stream:
                 allocator.malloc(size)
         self.settled = state(allocator)
 
-    @property
+    @functools.cached_property
     def shape(self) -> tuple[Event, ...]:
         """The stream with the requests' sizes left out."""
         return tuple((kind, 0) if kind in "mo" else (kind, value) for kind, value in self.events)
