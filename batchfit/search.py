@@ -15,9 +15,8 @@ from batchfit.memory import MemoryLine, fit_line, round_batch
 from batchfit.memory import budget as memory_budget
 from batchfit.result import Trial
 
-# A jump whose measured peak is this far from the line's prediction gets a second point
-# beside it, so the line is fitted where the recommendation lives; within it, the jump's own
-# peak confirms the line near the top and no closing point is run.
+# A jump's peak this far off the line's prediction gets a second point beside it; within it,
+# the jump's peak confirms the line near the top and no closing point is run.
 _FIT_TOLERANCE = 0.05
 _MAX_JUMP = 16
 # Without rounding, stop once a step would gain less than 1/64 (~1.5%) of the batch.
@@ -39,8 +38,7 @@ class SearchOutcome:
     exact_limit: int | None
     trials: list[Trial]
     budget: int
-    """Bytes a recommendation may peak at, (1 - margin) × capacity: computed here once, read by
-    everything after the search (the answer, its notes, the plot)."""
+    """Bytes a recommendation may peak at, (1 - margin) × capacity, for all that reads the search."""
 
 
 def _conforms(batch_size: int, rounding: str) -> bool:
@@ -61,13 +59,13 @@ class Ledger:
     moves: dict[int, Move] = field(default_factory=dict)
     """The move that ran each size."""
     phase: str = "doubling"
-    """'doubling' until the line is known, 'jumping' to its answer, 'closing' for a last point."""
+    """'doubling' (growing) until the line is known, 'jumping' to its answer, 'closing' at last."""
     last: Move | None = None
     asked: int | None = None
     """The pricing variant's batch asked (`next_price_move`)."""
     over: bool = False
-    """The model alone (weights, gradients, optimizer state) needs more than the budget: when the
-    batch asked does not fit, the pricing variant tries the smallest size next, not half."""
+    """The model alone (weights, gradients, optimizer state) needs more than the budget: the pricing
+    variant goes from the batch asked to the smallest size, not half."""
 
     def record(self, move: Move, trial: Trial) -> None:
         self.trials[trial.batch_size] = trial
@@ -113,8 +111,7 @@ class Move:
 def next_move(ledger: Ledger) -> Move:
     """The next batch size to try and why. Pure: reads the ledger, changes nothing."""
     if not ledger.order:
-        # Sizes below 4 peak on another line (the optimizer step) and are never fitted once two
-        # sizes at 4 or more exist: start where the fit can use the point.
+        # Sizes below 4 peak on another line (the optimizer step) and are never fitted: start at 4.
         first = max(ledger.start, FIT_MIN_BATCH)
         return Move(min(first, ledger.cap), "start: the smallest size the memory line is fitted on", "doubling")
     if ledger.phase == "doubling":
@@ -123,9 +120,9 @@ def next_move(ledger: Ledger) -> Move:
             half = max(ledger.start, trial.batch_size // 2)
             return Move(half, "halve: nothing ran within the budget yet", "doubling")
         ready = sum(1 for t in ledger.order if t.ok and t.batch_size >= FIT_MIN_BATCH) >= 2
-        double = min(trial.batch_size * 2, ledger.cap)
-        if ledger.within(trial) and not ready and trial.batch_size < double < ledger.ceiling():
-            return Move(double, "double: the memory line needs two points", "doubling")
+        grow = _grow(ledger, trial)
+        if ledger.within(trial) and not ready and trial.batch_size < grow < ledger.ceiling():
+            return Move(grow, "grow: as far as one point shows within the budget", "doubling")
     if ledger.phase in ("doubling", "jumping"):
         second = _second_point(ledger)
         if second is not None:
@@ -135,6 +132,16 @@ def next_move(ledger: Ledger) -> Move:
             return jump
         return _closing(ledger) or jump
     return Move(None, "done", "closing")
+
+
+def _grow(ledger: Ledger, trial: Trial) -> int:
+    """The second point, 2x to 16x: fixed + per-sample × B with fixed >= 0 keeps every B up to
+    b × budget / peak(b) within the budget. Small batches leave the card idle, so a far point
+    costs little more than a near one and fits the line nearer the answer (docs/design.md)."""
+    b, peak = trial.batch_size, trial.peak_reserved
+    bound = min(b * ledger.budget // peak, _MAX_JUMP * b) if peak > 0 else 0
+    grow = min(max(2 * b, round_batch(bound, ledger.rounding)), ledger.cap)
+    return grow if grow < ledger.ceiling() else min(2 * b, ledger.cap)
 
 
 def _second_point(ledger: Ledger) -> Move | None:
@@ -162,8 +169,7 @@ def _jump(ledger: Ledger) -> Move:
         # past the middle of the gap (a safeguarded secant search).
         limit, from_line, reason = (below + ceiling) // 2, False, "bisect: the middle of the bracket"
     if limit > _MAX_JUMP * below:
-        # Lines from small batches can be flat (the optimizer step dominates them) and
-        # predict absurd limits: grow at most 16× per trial and refit on the way.
+        # Lines from small batches can be flat (the optimizer step dominates): at most 16x a trial.
         limit, from_line, reason = _MAX_JUMP * below, False, "grow at most 16x per trial"
     candidate = round_batch(limit, ledger.rounding)
     best = ledger.verified()
@@ -181,11 +187,8 @@ def _jump(ledger: Ledger) -> Move:
 
 
 def _closing(ledger: Ledger) -> Move | None:
-    """The line is reported and trusted near the top: a second point there, if it has none and
-    the top was not a jump whose peak the line predicted (that peak confirms the line there).
-
-    Half the largest batch that ran, so no new risk of running out of memory.
-    """
+    """A second point near the top (half of it: no new risk), where the reported line is trusted,
+    unless one is there or the top was a jump whose peak the line predicted (that confirms it)."""
     ok_sizes = sorted(b for b, t in ledger.trials.items() if t.ok)
     if not ok_sizes:
         return None
@@ -210,13 +213,11 @@ def search(
     exact: bool = False,
     max_trials: int = 40,
 ) -> SearchOutcome:
-    """Double from `start` until the memory line is known, then jump to its answer and verify.
+    """Grow from `start` until the memory line is known, then jump to its answer and verify.
 
-    A size counts as verified when its trial ran and its measured peak reserved memory
-    stayed within (1 - margin) × capacity. Failures and over-budget trials become an
-    upper bound, and every new trial refits the line, so the search converges from
-    either side of a wrong prediction. `next_move` decides each step; this loop runs them.
-    """
+    A size is verified when its trial ran with its peak reserved memory within (1 - margin) ×
+    capacity. Failures and over-budget trials become an upper bound, and every trial refits the
+    line, so the search converges from either side of a wrong prediction (`next_move` decides)."""
     cap = max_batch_size or _UNBOUNDED
     ledger = Ledger(budget=memory_budget(capacity, margin), cap=cap, rounding=rounding, start=start)
     drive(ledger, run, next_move, max_trials)

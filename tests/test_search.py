@@ -1,7 +1,7 @@
 """The search against synthetic memory curves: no torch devices, microseconds per case."""
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from batchfit.memory import budget as memory_budget
@@ -184,9 +184,39 @@ def test_move_halves_down_to_the_smallest_size_while_nothing_fits():
     assert next_move(batchnorm).batch_size is None
 
 
-def test_move_double_until_two_points_at_four_or_more():
-    move = next_move(ledger_with((1, 101), (2, 102)))
-    assert (move.batch_size, move.phase) == (4, "doubling") and move.reason.startswith("double")
+def test_move_grows_as_far_as_one_point_shows_within_the_budget():
+    """From one point, b × budget / peak(b) (fixed >= 0), rounded; at least 2x, at most 16x."""
+    for trials, rounding, grow in [
+        (((4, 104),), "pow2", 16),  # 4 × 800 / 104 = 30.7 -> 16
+        (((4, 104),), "none", 30),
+        (((4, 20),), "pow2", 64),  # 160, at most 16 × 4
+        (((4, 500),), "pow2", 8),  # 6.4: double
+        (((1, 101), (2, 102)), "pow2", 8),  # sizes below 4 never make the line: grow from 2
+    ]:
+        move = next_move(ledger_with(*trials, rounding=rounding))
+        assert (move.batch_size, move.phase) == (grow, "doubling") and move.reason.startswith("grow"), trials
+    ledger = ledger_with((32, None), (4, 20))  # never at or past a size that failed: double
+    assert next_move(ledger).batch_size == 8
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fixed=st.integers(min_value=0, max_value=50 * 2**30),
+    per_sample=st.integers(min_value=1, max_value=2**30),
+    budget=st.integers(min_value=2**20, max_value=200 * 2**30),
+    start=st.sampled_from([1, 2, 4, 8]),
+    rounding=st.sampled_from(["pow2", "mult8", "none"]),
+)
+def test_growth_from_one_point_stays_within_the_budget_of_any_line(fixed, per_sample, budget, start, rounding):
+    """For any fixed >= 0: a grow past doubling is within the budget (doubling is the old rule)."""
+    peak = fixed + per_sample * start
+    assume(peak <= budget)
+    ledger = Ledger(budget=budget, cap=2**40, rounding=rounding, start=start)
+    ledger.record(Move(start, "test", "doubling"), Trial(start, True, peak, peak))
+    move = next_move(ledger)
+    assert move.batch_size is not None and 2 * start <= move.batch_size <= 16 * start
+    if move.batch_size > 2 * start:
+        assert fixed + per_sample * move.batch_size <= budget
 
 
 def test_move_jump_to_the_lines_answer():
