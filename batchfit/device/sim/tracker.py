@@ -22,6 +22,8 @@ from batchfit.device.watch import run_tracking_new
 from batchfit.internals import is_dtensor_op, local_shard, propagation_marked, resizes_followed
 from batchfit.memory import format_size
 
+_DEVICE = torch.ops.prim.device.default
+
 
 class MemoryTracker(TorchDispatchMode):
     """Feed every new tensor storage to a model of the CUDA caching allocator.
@@ -143,6 +145,8 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         # A mode sees an op before its tensor subclasses do. Declining DTensor's ops lets DTensor
         # run them as ops on local shards, which come back here and are counted at shard size.
+        if func is _DEVICE:  # tensor.device: asked tens of thousands of times a step, allocates nothing
+            return func(*args, **(kwargs or {}))
         interrupts.check()
         if is_dtensor_op(types):
             return NotImplemented
