@@ -257,14 +257,14 @@ def preflight(
             # Down from the batch asked, on the same held model, as the lever table prices its
             # first row (one search, `search.price`): this device's own answer, unrounded (a
             # pre-flight check is per device, with no agreement between ranks).
-            ran = {batch_size: trial}
             below = price(
-                lambda b: ran.get(b) or session.run(b),
+                session.run,
                 budget,
                 batch_size,
                 _smallest(session, config),
                 config.max_trials,
                 over=need > budget,
+                ran={batch_size: trial},
             )
             largest = below.verified()
             line = fit_trials(below.order) if largest else None

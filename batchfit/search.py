@@ -15,12 +15,10 @@ from batchfit.memory import MemoryLine, fit_line, round_batch
 from batchfit.memory import budget as memory_budget
 from batchfit.result import Trial
 
-# A jump's peak this far off the line's prediction gets a second point beside it; within it,
-# the jump's peak confirms the line near the top and no closing point is run.
+# A jump's peak this far off the line gets a second point beside it; within, it confirms the line.
 _FIT_TOLERANCE = 0.05
 _MAX_JUMP = 16
-# Without rounding, stop once a step would gain less than 1/64 (~1.5%) of the batch.
-_CLOSE_ENOUGH = 64
+_CLOSE_ENOUGH = 64  # without rounding, stop once a step would gain under 1/64 (~1.5%) of the batch
 _UNBOUNDED = 2**40
 
 log = logging.getLogger(__name__)
@@ -39,10 +37,6 @@ class SearchOutcome:
     trials: list[Trial]
     budget: int
     """Bytes a recommendation may peak at, (1 - margin) × capacity, for all that reads the search."""
-
-
-def _conforms(batch_size: int, rounding: str) -> bool:
-    return round_batch(batch_size, rounding) == batch_size
 
 
 @dataclass
@@ -65,7 +59,7 @@ class Ledger:
     """The pricing variant's batch asked (`next_price_move`)."""
     over: bool = False
     """The model alone (weights, gradients, optimizer state) needs more than the budget: the pricing
-    variant goes from the batch asked to the smallest size, not half."""
+    variant tries the smallest size first (next after a batch asked that ran already)."""
 
     def record(self, move: Move, trial: Trial) -> None:
         self.trials[trial.batch_size] = trial
@@ -78,7 +72,7 @@ class Ledger:
 
     def verified(self) -> int:
         """Largest size that ran within the budget and obeys the rounding (0 if none)."""
-        sizes = [b for b, t in self.trials.items() if self.within(t) and _conforms(b, self.rounding)]
+        sizes = [b for b, t in self.trials.items() if self.within(t) and round_batch(b, self.rounding) == b]
         return max(sizes, default=0)
 
     def ceiling(self) -> int:
@@ -165,8 +159,7 @@ def _jump(ledger: Ledger) -> Move:
     if line is not None and from_line:
         limit, reason = line.max_batch(ledger.budget), "the memory line's largest size within the budget"
     if any(not ledger.within(t) for t in ledger.order) and (below + ceiling) // 2 < limit:
-        # Bracketed: an OOM carries no peak to correct the line with, so never step
-        # past the middle of the gap (a safeguarded secant search).
+        # Bracketed: an OOM has no peak to correct the line, so at most the middle (safeguarded secant).
         limit, from_line, reason = (below + ceiling) // 2, False, "bisect: the middle of the bracket"
     if limit > _MAX_JUMP * below:
         # Lines from small batches can be flat (the optimizer step dominates): at most 16x a trial.
@@ -177,9 +170,8 @@ def _jump(ledger: Ledger) -> Move:
         return Move(None, "stop: nothing larger to gain", "jumping")
     if candidate in ledger.trials:
         return Move(None, "stop: the next size already ran", "jumping")
-    # The allocated line's prediction is kept for every jump the line reaches past (a capped jump
-    # too): its trial then confirms the line there, or not. Only a jump to the line's own answer
-    # gets a second point when it misses (`predicted_peak`).
+    # The allocated line's prediction is kept for every jump the line reaches past (a capped one too),
+    # which its trial confirms or not; only a jump to the line's answer gets a second point on a miss.
     allocated = fit_trials(ledger.order, "peak_allocated")
     predicted_allocated = allocated.predict(candidate) if allocated is not None and line is not None else None
     predicted = line.predict(candidate) if from_line and line is not None else None
@@ -263,23 +255,26 @@ def drive(ledger: Ledger, run: Callable[[int], Trial], decide: Callable[[Ledger]
         ledger.record(move, run(move.batch_size))
 
 
-# The pricing variant (the lever table's): from the batch asked down to a size within the budget,
-# then the line through the two trials nearest the limit, refined to within 1/16.
+# The pricing variant (the lever table's): down from the batch asked, then the line refined to 1/16.
 PRICE_REFINES = 3
 PRICE_PRECISION = 16
 PRICE_GROWTH = 8
 
 
 def next_price_move(ledger: Ledger) -> Move:
-    """The pricing variant's next batch size and why, from `ledger.asked` down to `ledger.start`
-    (the smallest size the model runs) at most. Pure, as `next_move` is."""
+    """The pricing variant's next size and why, from `ledger.asked` down to `ledger.start`; pure."""
     if not ledger.order:
+        if ledger.over and ledger.asked is not None and ledger.asked > ledger.start:
+            return Move(ledger.start, "price: the model alone needs more than the budget", "descending")
         return Move(ledger.asked, "price: the batch asked", "descending")
     best, last = ledger.verified(), ledger.order[-1]
+    # The smallest ran first (`over`), so the batch asked runs for its peak, unless the smallest ran out.
+    if ledger.asked not in ledger.trials and last.ok:
+        return Move(ledger.asked, "price: the batch asked", "descending")
     if not best:
-        if last.batch_size > ledger.start and ledger.over:
-            return Move(ledger.start, "price: the model alone needs more than the budget", "descending")
-        if last.batch_size > ledger.start:
+        if last.batch_size > ledger.start and ledger.start not in ledger.trials:
+            if ledger.over:
+                return Move(ledger.start, "price: the model alone needs more than the budget", "descending")
             half = max(ledger.start, last.batch_size // 2)
             return Move(half, "price: halve to a size within the budget", "descending")
         return Move(None, "price: not even the smallest size fits", "descending")
@@ -321,12 +316,17 @@ def price(
     smallest: int = 1,
     max_trials: int = 40,
     over: bool = False,
+    ran: dict[int, Trial] | None = None,
 ) -> Ledger:
     """The search down from a batch asked (the lever table's rows, preflight's largest size): its
     trials at `batch_size` and below, in a ledger (`verified()`: the largest within `budget`,
-    unrounded). `over`: the model alone needs more than the budget (`Ledger.over`)."""
+    unrounded). `over`: the model alone needs more than the budget (`Ledger.over`). `ran`: trials
+    run already (the check's at the batch asked), recorded as run, not run again."""
+    ran = ran or {}
     ledger = Ledger(budget=budget, cap=_UNBOUNDED, rounding="none", start=smallest, asked=batch_size, over=over)
-    drive(ledger, run, next_price_move, max_trials)
+    if batch_size in ran:
+        ledger.record(Move(batch_size, "price: the batch asked", "descending"), ran[batch_size])
+    drive(ledger, lambda b: ran.get(b) or run(b), next_price_move, max_trials)
     return ledger
 
 

@@ -365,14 +365,15 @@ def test_an_oom_in_a_checkpointed_backward_leaves_nothing_behind():
     assert fresh.ok and after.ok and after.peak_allocated == fresh.peak_allocated
 
 
-def test_a_model_over_the_budget_before_any_batch_costs_two_trials_a_row(monkeypatch):
-    """Weights, gradients and AdamW state of 16 MiB of weights: 64 MiB on a 25.6 MiB budget. A row
-    tries the batch asked (its peak column) and the smallest size, not every half between."""
+def test_a_model_over_the_budget_before_any_batch_costs_one_trial_a_row(monkeypatch):
+    """Weights, gradients and AdamW state of 16 MiB of weights: 64 MiB on a 32 MiB card. A row
+    tries the smallest size, which runs out of memory: so would the batch asked (not run)."""
     model, sample = linear_stack(4, 1024), torch.randn(1024)
     priced = batchfit.levers(model, sample, 64, memory=card(32), optimizer=OPTIMIZERS["adamw"], groups=("optimizer",))
     rows = [row for row in priced.levers if row.applies]
     assert [row.fits for row in rows] == [0] * len(rows) and len(rows) >= 3
-    assert all([t.batch_size for t in row.trials] == [64, 1] for row in rows)
+    assert all([(t.batch_size, t.ok) for t in row.trials] == [(1, False)] for row in rows)
+    assert all(row.peak_at_batch is None for row in rows)
     import batchfit.lever.pricing as pricing
 
     monkeypatch.setattr(pricing, "needs_more_than", lambda *args: False)  # as if the bound were unknown

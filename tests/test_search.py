@@ -283,11 +283,21 @@ def test_price_move_reasons():
     assert next_price_move(nothing).batch_size is None
 
 
-def test_price_tries_the_smallest_size_next_when_the_model_alone_is_over_the_budget():
-    hopeless, calls = device(40 * GB, 0.1 * GB, 80 * GB)  # 40 GB before any batch, budget 32 GB
-    assert price(hopeless, 32 * GB, 64, smallest=2, over=True).verified() == 0 and calls == [64, 2]
+def test_price_tries_the_smallest_size_first_when_the_model_alone_is_over_the_budget():
+    out_of_memory, calls = device(90 * GB, 0.1 * GB, 80 * GB)  # 90 GB before any batch on an 80 GB card
+    ledger = price(out_of_memory, 32 * GB, 64, smallest=2, over=True)
+    assert ledger.verified() == 0 and calls == [2]  # larger batches need more: 64 is not run
+    assert ledger.moves[2].reason == "price: the model alone needs more than the budget"
+    # Over the budget but within the card: the batch asked runs too, for its peak, and nothing else.
+    hopeless, calls = device(40 * GB, 0.1 * GB, 80 * GB)
+    assert price(hopeless, 32 * GB, 64, smallest=2, over=True).verified() == 0 and calls == [2, 64]
+    # The batch asked run already (the check's): the smallest next, as before.
+    asked = out_of_memory(64)
+    out_of_memory, calls = device(90 * GB, 0.1 * GB, 80 * GB)
+    ledger = price(out_of_memory, 32 * GB, 64, smallest=2, over=True, ran={64: asked})
+    assert calls == [2] and [t.batch_size for t in ledger.order] == [64, 2]
     # A bound that was wrong (a weight without gradients, say) costs one trial, not the answer.
     run, calls = device(1 * GB, 0.1 * GB, 40 * GB)
     ledger = price(run, 32 * GB, 1000, over=True)
-    assert calls[:2] == [1000, 1] and ledger.verified() >= 310 - 310 // 16 and ledger.verified() in calls
+    assert calls[:2] == [1, 1000] and ledger.verified() >= 310 - 310 // 16 and ledger.verified() in calls
     assert ledger.moves[1].reason == "price: the model alone needs more than the budget"

@@ -62,9 +62,9 @@ class Pricer:
             # A compiled step recompiles between sizes: every one of its trials is run.
             run = probe.run if config.compile else card.replaying(probe.run)
             over = needs_more_than(model, optimizer, card, self.budget)
-            ledger = price(lambda b: ran.get(b) or run(b), self.budget, self.batch_size, smallest, over=over)
-        asked = ledger.order[0]
-        return ledger.verified(), asked.peak_reserved if asked.ok else None, ledger.order
+            ledger = price(run, self.budget, self.batch_size, smallest, over=over, ran=ran)
+        asked = ledger.trials.get(self.batch_size)  # not run where the smallest size ran out of memory
+        return ledger.verified(), asked.peak_reserved if asked is not None and asked.ok else None, ledger.order
 
     def within(self, trial: Trial) -> bool:
         return trial.within(self.budget)
