@@ -17,6 +17,7 @@ trace_<model>.json: the format of tests/data/calibration, so each GPU run can be
     python scripts/gpu_check.py --smoke --out /tmp/gc   # the same script on CPU, small models
     python scripts/gpu_check.py --attention --budget-s 420 --out $OUT   # SDPA backends per call, memory
     python scripts/gpu_check.py --fsdp --budget-s 300 --out $OUT   # FSDP2: world 1, and 2 gloo ranks on the card
+    python scripts/gpu_check.py --speed --budget-s 420 --out $OUT  # issue 20: a trial's fixed cost, peers again
 """
 
 from __future__ import annotations
@@ -148,6 +149,37 @@ def attention_only(deadline: float, smoke: bool, out: Path | None) -> None:
     print_table(rows)
 
 
+def speed_only(deadline: float, smoke: bool, out: Path) -> None:
+    """What scripts/bench_replay.py models a probe's time with, measured again on this card: where a
+    trial's time goes beyond its steps (trial_overhead.py, ResNet-50 SGD and GPT-2 AdamW), then
+    batchfit and its peers on the two recorded cases (bench_peers.py: every trial's peaks, each
+    finder's time). Each output is kept in OUT as it comes; a part past the budget is skipped."""
+    out.mkdir(parents=True, exist_ok=True)
+    here, device = Path(__file__).parent, "cpu" if smoke else "cuda"
+    parts = {
+        "overhead_resnet": ["trial_overhead.py", "--device", device, "--model", "resnet18" if smoke else "resnet50"],
+        "overhead_gpt2": ["trial_overhead.py", "--device", device, "--model", "gpt2", "--optimizer", "adamw"],
+        "bench_peers": ["bench_peers.py", "--suite", "smoke" if smoke else "gpu", "--models", "resnet,ResNet,GPT"],
+    }
+    parts["bench_peers"] += ["--steps", "20", "--json", str(out / "bench_peers.json")]
+    for name, (script, *options) in parts.items():
+        left = deadline - time.perf_counter()
+        if left < 30:
+            print(f"{name}: skipped: time budget")
+            continue
+        command = [sys.executable, str(here / script), *options]
+        if script == "bench_peers.py":
+            command += ["--budget-s", str(round(left / 2))]  # a case started is finished
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=left)
+            text = done.stdout + (f"\nexit {done.returncode}: {done.stderr[-2000:]}" if done.returncode else "")
+        except subprocess.TimeoutExpired as expired:
+            partial = expired.stdout or b""
+            text = (partial.decode() if isinstance(partial, bytes) else partial) + "\ntimed out"
+        (out / f"speed_{name}.txt").write_text(text)
+        print(f"## {name}\n{text.strip()}\n", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=480, help="start no new phase after this")
@@ -158,8 +190,14 @@ def main() -> None:
         "--attention", action="store_true", help="only the SDPA check: backends per call and memory (zoo text models)"
     )
     parser.add_argument("--fsdp", action="store_true", help="only the FSDP2 check (scripts/fsdp_check.py)")
+    parser.add_argument(
+        "--speed", action="store_true", help="only the speed check: trial_overhead.py, then bench_peers.py again"
+    )
     args = parser.parse_args()
     deadline = time.perf_counter() + args.budget_s
+    if args.speed:
+        speed_only(deadline, args.smoke, Path(args.out or "/tmp/speed_check"))
+        return
     if args.fsdp:
         command = [sys.executable, str(Path(__file__).with_name("fsdp_check.py")), "--budget-s", str(args.budget_s)]
         command += ["--out", args.out or "/tmp/fsdp_check"] + (["--smoke"] if args.smoke else [])
