@@ -106,3 +106,23 @@ def test_ctrl_c_that_any_finalizer_drops_is_raised_by_the_next_simulated_operato
         signal.signal(signal.SIGINT, previous)
         with contextlib.suppress(KeyboardInterrupt):
             interrupts.check()  # nothing noted left for other tests
+
+
+def test_a_tensors_device_is_fake_tensors_own_answer_and_allocates_nothing():
+    """`prim.device` skips the tracker and FakeTensorMode (read from the fake tensor): the same
+    device as the dispatch gives, on fake CUDA tensors and on plain ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from batchfit.device.sim import tracker as module
+
+    device = torch.ops.prim.device.default
+    with FakeTensorMode() as fake:
+        weight = fake.from_tensor(torch.empty(4, 4, device="meta"), static_shapes=True)
+        cuda = torch.empty(8, device="cuda")
+    assert module._device(cuda) == device(cuda) == torch.device("cuda", 0)
+    plain = torch.zeros(3)
+    tracker = MemoryTracker(capacity=10**9)
+    with tracker:
+        assert plain.device == torch.device("cpu") and tracker.allocated == 0
+    assert module._device(plain) == torch.device("cpu")
+    assert module._device(weight) == device(weight)
