@@ -263,18 +263,15 @@ PRICE_GROWTH = 8
 
 def next_price_move(ledger: Ledger) -> Move:
     """The pricing variant's next size and why, from `ledger.asked` down to `ledger.start`; pure."""
-    if not ledger.order:
-        if ledger.over and ledger.asked is not None and ledger.asked > ledger.start:
-            return Move(ledger.start, "price: the model alone needs more than the budget", "descending")
+    best = ledger.verified()
+    if ledger.over and not best and ledger.start not in ledger.trials and (ledger.asked or 0) > ledger.start:
+        return Move(ledger.start, "price: the model alone needs more than the budget", "descending")
+    # First, or after the smallest (`over`) ran, for its peak: unless the smallest ran out of memory.
+    if ledger.asked not in ledger.trials and (not ledger.order or ledger.order[-1].ok):
         return Move(ledger.asked, "price: the batch asked", "descending")
-    best, last = ledger.verified(), ledger.order[-1]
-    # The smallest ran first (`over`), so the batch asked runs for its peak, unless the smallest ran out.
-    if ledger.asked not in ledger.trials and last.ok:
-        return Move(ledger.asked, "price: the batch asked", "descending")
+    last = ledger.order[-1]
     if not best:
         if last.batch_size > ledger.start and ledger.start not in ledger.trials:
-            if ledger.over:
-                return Move(ledger.start, "price: the model alone needs more than the budget", "descending")
             half = max(ledger.start, last.batch_size // 2)
             return Move(half, "price: halve to a size within the budget", "descending")
         return Move(None, "price: not even the smallest size fits", "descending")

@@ -384,6 +384,19 @@ def test_a_model_over_the_budget_before_any_batch_costs_one_trial_a_row(monkeypa
     assert [t.batch_size for t in halving.levers[0].trials] == [64, 32, 16, 8, 4, 2, 1]
 
 
+def test_a_model_over_the_budget_comes_out_of_its_rows_as_it_went_in():
+    """The smallest-first rows (one trial each, out of memory) leave the user's weights, their
+    gradients and requires_grad bitwise as they were."""
+    model, sample = linear_stack(4, 1024), torch.randn(1024)
+    model(sample.unsqueeze(0)).sum().backward()
+    model[0].weight.requires_grad_(False)
+    before = {n: (p.detach().clone(), p.grad.clone(), p.requires_grad) for n, p in model.named_parameters()}
+    batchfit.levers(model, sample, 64, memory=card(32), optimizer=OPTIMIZERS["adamw"], groups=("optimizer",))
+    for name, p in model.named_parameters():
+        weight, grad, trains = before[name]
+        assert torch.equal(p.detach(), weight) and torch.equal(p.grad, grad) and p.requires_grad == trains, name
+
+
 @needs_hf
 def test_no_sequence_length_fits_a_model_over_the_budget_after_one_trial(monkeypatch):
     import transformers as hf

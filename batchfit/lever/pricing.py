@@ -53,7 +53,7 @@ class Pricer:
         verified by a trial and refined (three times at most, to within 1/16). `ran`: trials of
         this variant already run on a card like these (the check's), not run again. A size the
         trials run so far show exactly is replayed, not run (`SimulatedDevice.replaying`); a model
-        that needs more than the budget before any batch goes to the smallest size next (`over`).
+        that needs more than the budget before any batch tries the smallest size first (`over`).
         """
         ran = ran or {}
         smallest = 2 if has_batchnorm(model) else 1
