@@ -283,12 +283,19 @@ def _train(held: Held, batch_size: int, measurement: Measurement) -> int:
     if optimizer is not None and steps < 2 and (workload.sharded or not prime(optimizer, held.params)):
         steps = 2
     amp = workload.amp_dtype
+    # A device may repeat a step without running it (device.repeat_step); not a compiled step
+    # (dynamo's counters) or a sharded one (its collectives, in lockstep with other ranks).
+    repeatable = not (workload.compiled or workload.sharded)
     for step in range(steps):
         start = timer()
+        if step and repeatable and device.repeat_step():
+            measurement.step_seconds.append(timer() - start)
+            continue
         # The first step's allocation watch is a dispatch mode, under which dynamo would not
         # compile: a compiled step goes unwatched.
         watch = step == 0 and not workload.compiled
-        with device.first_step(measurement) if watch else contextlib.nullcontext():
+        recorded = device.step(step) if repeatable else contextlib.nullcontext()
+        with recorded, device.first_step(measurement) if watch else contextlib.nullcontext():
             # Evaluation keeps no graph: activations die as soon as the next layer has used them.
             with device.autocast(amp), contextlib.nullcontext() if workload.train else torch.inference_mode():
                 loss = workload.loss(held.tensors, batch)

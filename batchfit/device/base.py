@@ -95,6 +95,16 @@ class Device:
         """Around a trial's first step (untimed): where per-allocation watching may cost time."""
         yield
 
+    @contextlib.contextmanager
+    def step(self, index: int) -> Iterator[None]:
+        """Around step `index` of a trial, run for real: where a device records what a step did."""
+        yield
+
+    def repeat_step(self) -> bool:
+        """The step just run, once more, where the device gives it exactly without running it (the
+        simulated card: its allocator stream again); False: the caller runs it."""
+        return False
+
     def replaying(self, run: Callable[[int], Trial]) -> Callable[[int], Trial]:
         """`run` (the trials of one model held here), or a stand-in that gives some sizes without
         running them where that is exact (the simulated card's replays); a real card runs every one."""

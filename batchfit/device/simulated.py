@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from batchfit.device.base import Device, Measurement, named_tensors
 from batchfit.device.sim.attention import CudaBuild
 from batchfit.device.sim.autocast import CudaAutocastPolicy
 from batchfit.device.sim.sdpa import AttentionRouter
+from batchfit.device.sim.steps import StepReplay
 from batchfit.device.sim.stream import Replay
 from batchfit.device.sim.tracker import CudaKernelRouting, MemoryTracker
 from batchfit.gpus import HOPPER_WORKSPACES
@@ -70,6 +72,7 @@ class SimulatedDevice(Device):
         # Attention runs on the SDPA backend CUDA would pick on this card (a Hopper's when unnamed).
         self.capability = capability
         self.attention = AttentionRouter(CudaBuild.installed(capability))
+        self._steps = StepReplay()
         label = name or format_size(capacity)
         kind = "estimate, no real compute" if compute == "fake" else "real CPU compute"
         self.description = f"simulated {label} GPU ({kind})"
@@ -162,6 +165,7 @@ class SimulatedDevice(Device):
             named = {k: t if self._ours(t) else memo.setdefault(id(t), self._fake(t)) for k, t in named.items()}
         for tensor in named.values():
             self.tracker.track(tensor)
+        self._steps = StepReplay()  # shown exact per model
         yield named
 
     def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -231,6 +235,23 @@ class SimulatedDevice(Device):
         # trial, so a card too small even for them runs out of memory like any trial.
         for nbytes in self.workspaces[len(self._workspace_blocks) :]:
             self._workspace_blocks.append(self.tracker.reserve(nbytes))
+
+    @contextlib.contextmanager
+    def step(self, index: int) -> Iterator[None]:
+        if self.compute != "fake":  # real arithmetic: the steps are timed, so each one runs
+            yield
+            return
+        before = Counter(self.attention.counts)
+        with self._steps.recording(self.tracker.allocator, index):
+            yield
+        self._steps.attention = Counter(self.attention.counts) - before
+
+    def repeat_step(self) -> bool:
+        # sim/steps.py: the step's allocator stream again, where a trial of this model showed it exact.
+        if self.compute != "fake" or not self._steps.repeat(self.tracker.reserve, self.tracker.release):
+            return False
+        self.attention.counts.update(self._steps.attention)
+        return True
 
     def replaying(self, run: Callable[[int], Trial]) -> Callable[[int], Trial]:
         """`run` (the trials of one model held on this card) with each size that the trials run
