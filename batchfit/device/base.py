@@ -47,9 +47,9 @@ class Device:
     caveat: str | None = None
     """What the user must hear before the probe starts (e.g. that no GPU was found)."""
     compile_backend: str = "inductor"
+    """The torch.compile backend a compiled probe uses here."""
     fixed_bytes: int = 0
     """Memory the device holds beside every trial's tensors (workspaces), where it is known."""
-    """The torch.compile backend a compiled probe uses here."""
 
     @property
     def autocast_type(self) -> str:
