@@ -10,11 +10,12 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import card, linear_stack, needs_hf
+from conftest import SmallCNN, card, linear_stack, needs_hf
 from test_stream import CASES as STREAM_CASES
 from test_stream import adamw, tiny_gpt2, tokens
 from torch import nn
 
+import batchfit
 from batchfit.config import ProbeConfig
 from batchfit.device import SimulatedDevice
 from batchfit.device.sim.steps import StepReplay, _events
@@ -112,3 +113,23 @@ def test_a_step_that_frees_what_it_did_not_make_is_not_a_stream():
     assert _events([("m", 512), ("b", 1), ("f", 7)]) is None  # a block made before the step
     assert _events([("m", 512), ("b", 1), ("e", 0)]) is None  # the cache emptied
     assert _events([("m", 512)]) is None  # out of memory: the step did not end
+
+
+def test_a_probe_with_repeated_steps_gives_the_model_and_optimizer_back_bitwise(monkeypatch):
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 16, 16)).mean().backward()
+    opt.step()  # optimizer state exists, gradients exist
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    momentum = {k: v["momentum_buffer"].clone() for k, v in opt.state.items()}
+    repeated: list[bool] = []
+    real = StepReplay.repeat
+    monkeypatch.setattr(StepReplay, "repeat", lambda self, *a: repeated.append(real(self, *a)) or repeated[-1])
+    device = SimulatedDevice(card(48))
+    batchfit.find_batch_size(model, torch.randn(3, 16, 16), optimizer=opt, device=device)
+    assert any(repeated)  # some steps were repeated, not run
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert all(torch.equal(opt.state[k]["momentum_buffer"], v) for k, v in momentum.items())
+    assert device.allocated() == 0  # the card's memory as it was before the probe

@@ -82,7 +82,15 @@ def record(allocator: CachingAllocator, run: Callable[[int], Trial], batch_size:
 
 
 def _stream(trial: Trial, start: CachingAllocator, log: list[tuple[str, int]]) -> Stream:
-    """The raw log as events, each block named by the index of the request that made it."""
+    """The raw log as a recorded trial."""
+    events, live, replayable = parse(log)
+    return _without_held(trial, start, events, set(live.values()), replayable)
+
+
+def parse(log: list[tuple[str, int]]) -> tuple[list[Event], dict[int, int], bool]:
+    """The raw log as events, each block named by the index of the request that made it; the
+    blocks still live at its end (the block's id -> its request's index); and whether every free
+    was of a block the log made (a free of another reads ('f', -1))."""
     events: list[Event] = []
     live: dict[int, int] = {}
     replayable, asked = True, None
@@ -104,7 +112,7 @@ def _stream(trial: Trial, start: CachingAllocator, log: list[tuple[str, int]]) -
             events.append((kind, 0))
     if asked is not None:
         events.append(("o", asked))
-    return _without_held(trial, start, events, set(live.values()), replayable)
+    return events, live, replayable
 
 
 def _without_held(trial: Trial, start: CachingAllocator, events: list[Event], kept: set[int], ok: bool) -> Stream:
