@@ -101,9 +101,14 @@ def main() -> int:
     dist.all_reduce(check)  # the user's group after the probe
     out["group_works"] = check.item() == dist.get_world_size()
     dist.destroy_process_group()
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The sharded models and the mesh still hold the gloo group, whose C++ threads outlive
+    # destroy_process_group; releasing them during interpreter finalization can abort the process
+    # (SIGABRT, exit -6, after the JSON line: seen once in CI, both ranks; pytorch/pytorch#179291).
+    # The scenario's checks are done and printed: leave without finalization.
+    os._exit(code)
