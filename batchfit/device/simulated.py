@@ -247,8 +247,9 @@ class SimulatedDevice(Device):
         self._steps.attention = Counter(self.attention.counts) - before
 
     def repeat_step(self) -> bool:
-        # sim/steps.py: the step's allocator stream again, where a trial of this model showed it exact.
-        if self.compute != "fake" or not self._steps.repeat(self.tracker.reserve, self.tracker.release):
+        # sim/steps.py: the step's allocator stream again, where a trial of this model showed it
+        # exact (never with real compute: `step` records nothing there).
+        if not self._steps.repeat(self.tracker.reserve, self.tracker.release):
             return False
         self.attention.counts.update(self._steps.attention)
         return True

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 from batchfit.device.sim.allocator import Block, CachingAllocator
-from batchfit.device.sim.stream import parse
+from batchfit.device.sim.stream import logged, parse, without
 
 Events = tuple[tuple[str, int], ...]
 """('m', bytes) a request served (its block named by the event's index), ('f', that index) a free."""
@@ -34,21 +34,6 @@ def _events(log: list[tuple[str, int]]) -> tuple[Events, frozenset[int]] | None:
     if not replayable or any(kind not in "mf" for kind, _ in events):
         return None
     return tuple(events), frozenset(live.values())
-
-
-def _without(events: Events, kept: frozenset[int]) -> Events:
-    """`events` less the requests in `kept`, each block renamed by its new index."""
-    names: dict[int, int] = {}
-    out: list[tuple[str, int]] = []
-    for index, (kind, value) in enumerate(events):
-        if kind == "m":
-            if index in kept:
-                continue
-            names[index] = len(out)
-            out.append((kind, value))
-        else:
-            out.append((kind, names[value]))
-    return tuple(out)
 
 
 class StepReplay:
@@ -70,19 +55,13 @@ class StepReplay:
         if self.exact is False:  # this model's steps are all run: nothing to record
             yield
             return
-        own = allocator.log is None
-        log = allocator.log if allocator.log is not None else []
-        allocator.log, begin = log, len(log)
-        try:
+        with logged(allocator) as log:
             yield
-        finally:
-            if own:
-                allocator.log = None
-        parsed = _events(log[begin:])
+        parsed = _events(log)
         if index and self.exact is None:
             self.exact = parsed is not None and not parsed[1] and parsed[0] == previous
         if parsed is not None:
-            self.next = _without(*parsed)
+            self.next = without(*parsed)
 
     def repeat(self, reserve: Callable[[int], Block], release: Callable[[Block], None]) -> bool:
         """The step after the one just recorded, through the allocator, where shown exact; an

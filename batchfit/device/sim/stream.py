@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from batchfit.device.sim.allocator import AllocatorOutOfMemory, Block, CachingAllocator
@@ -72,13 +72,29 @@ def state(allocator: CachingAllocator) -> tuple[object, ...]:
 def record(allocator: CachingAllocator, run: Callable[[int], Trial], batch_size: int) -> Stream:
     """`run(batch_size)` with `allocator`'s calls recorded."""
     start = allocator.copy()
-    log: list[tuple[str, int]] = []
-    allocator.log = log
-    try:
+    with logged(allocator) as log:
         trial = run(batch_size)
-    finally:
-        allocator.log = None
     return _stream(trial, start, log)
+
+
+@contextlib.contextmanager
+def logged(allocator: CachingAllocator) -> Iterator[list[tuple[str, int]]]:
+    """The allocator's raw calls made inside, complete at the end: its own log where none is kept,
+    else the part of the outer one (a trial's) made here (a step's)."""
+    if allocator.log is None:
+        log: list[tuple[str, int]] = []
+        allocator.log = log
+        try:
+            yield log
+        finally:
+            allocator.log = None
+        return
+    outer, begin = allocator.log, len(allocator.log)
+    part: list[tuple[str, int]] = []
+    try:
+        yield part
+    finally:
+        part.extend(outer[begin:])
 
 
 def _stream(trial: Trial, start: CachingAllocator, log: list[tuple[str, int]]) -> Stream:
@@ -115,20 +131,30 @@ def parse(log: list[tuple[str, int]]) -> tuple[list[Event], dict[int, int], bool
     return events, live, replayable
 
 
+def without(events: list[Event] | tuple[Event, ...], kept: set[int] | frozenset[int]) -> tuple[Event, ...]:
+    """`events` less the requests at the indices in `kept` (never freed), each free's block renamed
+    by its request's new index."""
+    if not kept:
+        return tuple(events)
+    names: dict[int, int] = {}
+    out: list[Event] = []
+    for index, (kind, value) in enumerate(events):
+        if kind == "m":
+            if index in kept:
+                continue
+            names[index] = len(out)
+        out.append((kind, names.get(value, value) if kind == "f" else value))
+    return tuple(out)
+
+
 def _without_held(trial: Trial, start: CachingAllocator, events: list[Event], kept: set[int], ok: bool) -> Stream:
     """Take the requests made right after the first reset and never freed out of the events."""
-    first = next((i for i, (kind, _) in enumerate(events) if kind == "r"), None)
-    held: list[int] = []
-    if first is not None:
-        end = first + 1
-        while end < len(events) and events[end][0] == "m" and end in kept:
-            held.append(events[end][1])
-            end += 1
-        if held:
-            shift = len(held)
-            moved = [(k, v - shift if k == "f" and v > first else v) for k, v in events[end:]]
-            events = events[: first + 1] + moved
-    return Stream(trial, start, tuple(events), tuple(held), ok)
+    first = next((i for i, (kind, _) in enumerate(events) if kind == "r"), len(events))
+    end = first + 1
+    while end < len(events) and events[end][0] == "m" and end in kept:
+        end += 1
+    held = range(first + 1, end)
+    return Stream(trial, start, without(events, set(held)), tuple(events[i][1] for i in held), ok)
 
 
 class Replay:
