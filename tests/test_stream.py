@@ -226,3 +226,11 @@ def test_a_row_with_replays_leaves_the_users_model_and_optimizer_bitwise_as_they
     assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
     after = optimizer.state_dict()["state"]
     assert all(torch.equal(momentum[k], after[k]["momentum_buffer"]) for k in momentum)
+
+
+def test_a_stream_without_its_kept_requests_renames_each_free():
+    from batchfit.device.sim.stream import without
+
+    events = [("r", 0), ("m", 8), ("m", 16), ("m", 32), ("f", 3), ("f", -1), ("m", 4), ("f", 6), ("p", 0)]
+    assert without(events, {1, 2}) == (("r", 0), ("m", 32), ("f", 1), ("f", -1), ("m", 4), ("f", 4), ("p", 0))
+    assert without(events, set()) == tuple(events)
